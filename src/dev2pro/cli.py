@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, module in COMMANDS:
-        mod = _load(module)
+        try:
+            mod = _load(module)
+        except ModuleNotFoundError as e:  # a subcommand still being written; tests assert all are present
+            if e.name != f"dev2pro.commands.{module}":
+                raise
+            continue
         p = sub.add_parser(
             name,
             help=mod.HELP,
