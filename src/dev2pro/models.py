@@ -112,10 +112,11 @@ PRESETS: dict[str, FluxSpec] = {
     # Mid-size (~0.2B) for memory and speed measurements on a CPU.
     "flux-mid": FluxSpec(hidden_size=768, num_heads=6, depth=4, depth_single_blocks=8, context_in_dim=512,
                          vec_in_dim=256),
-    # Tiny models for unit tests: seconds on a CPU.
-    "tiny-dev": FluxSpec(in_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32, num_heads=2, depth=1,
+    # Tiny models for unit tests: seconds on a CPU. Input dims match the toy world (dev2pro.toy.world defaults:
+    # 4 * 12 latent channels per packed token, text context 64, pooled 32), so tests run them with the toy encoders.
+    "tiny-dev": FluxSpec(in_channels=48, vec_in_dim=32, context_in_dim=64, hidden_size=32, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=True),
-    "tiny-pro": FluxSpec(in_channels=64, vec_in_dim=16, context_in_dim=32, hidden_size=32, num_heads=2, depth=1,
+    "tiny-pro": FluxSpec(in_channels=48, vec_in_dim=32, context_in_dim=64, hidden_size=32, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False),
 }
 
