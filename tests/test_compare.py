@@ -1,0 +1,260 @@
+"""`dev2pro.compare`: statistics against closed forms, the work plan, the verdict, and a full run with a fake toolkit
+(images whose judge scores are known in closed form) producing the report files."""
+
+import contextlib
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from dev2pro import compare as C
+from dev2pro.config import from_dict
+from dev2pro.errors import ConfigError, UserError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _t_quantile_closed_form(p: float, df: int) -> float:
+    """Closed forms of Student's t quantile for df = 1, 2, 4 (Hill 1970 / Wikipedia 'Student's t-distribution')."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    if df == 4:
+        a = 4 * p * (1 - p)
+        q = math.cos(math.acos(math.sqrt(a)) / 3) / math.sqrt(a)
+        return math.copysign(2 * math.sqrt(q - 1), p - 0.5)
+    raise ValueError(df)
+
+
+@pytest.mark.parametrize("df", [1, 2, 4])
+@pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995, 0.025])
+def test_student_t_ppf_matches_closed_forms(p, df):
+    assert C.student_t_ppf(p, df) == pytest.approx(_t_quantile_closed_form(p, df), rel=1e-6, abs=1e-7)
+
+
+def test_student_t_ppf_tends_to_normal_and_table_values():
+    assert C.student_t_ppf(0.975, 10_000) == pytest.approx(statistics.NormalDist().inv_cdf(0.975), rel=2e-4)
+    # printed tables (e.g. NIST e-handbook 1.3.6.7.2): t_{0.975} for df 10 and 30
+    assert C.student_t_ppf(0.975, 10) == pytest.approx(2.228, abs=1e-3)
+    assert C.student_t_ppf(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+
+
+def test_mean_ci_is_the_t_interval():
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    e = C.mean_ci(x, 0.95)
+    half = _t_quantile_closed_form(0.975, 4) * statistics.stdev(x) / math.sqrt(5)
+    assert (e.mean, e.n, e.method) == (3.0, 5, "t")
+    assert e.lo == pytest.approx(3.0 - half, rel=1e-7) and e.hi == pytest.approx(3.0 + half, rel=1e-7)
+    one = C.mean_ci([0.7])
+    assert one.mean == 0.7 and math.isnan(one.lo) and one.fmt() == "0.700"
+    assert math.isnan(C.mean_ci([]).mean) and C.mean_ci([]).fmt() == "n/a"
+    assert C.mean_ci([2.0, float("nan"), 4.0]).mean == 3.0  # nan values are dropped
+
+
+def test_bootstrap_ci_of_the_mean_matches_the_normal_interval():
+    x = np.random.default_rng(1).normal(2.0, 1.0, 400)
+    e = C.bootstrap_ci(len(x), lambda idx: x[idx].mean(), n_boot=2000, level=0.95, seed=3)
+    half = 1.959964 * x.std(ddof=1) / math.sqrt(len(x))
+    assert e.mean == pytest.approx(x.mean())
+    assert e.lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert e.hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+    assert C.bootstrap_ci(len(x), lambda idx: x[idx].mean(), 50, seed=3) == C.bootstrap_ci(
+        len(x), lambda idx: x[idx].mean(), 50, seed=3)
+
+
+def test_pairwise_diversity():
+    f = np.array([[0.0, 0], [1, 0], [3, 0], [5, 5]])
+    d = C.pairwise_diversity(f, np.array([0, 0, 0, 1]))
+    assert d[0] == pytest.approx((1 + 3 + 2) / 3) and math.isnan(d[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# verdict
+
+
+def _est(m, half=0.01):
+    return C.Estimate(m, m - half, m + half, 8, "t")
+
+
+def test_claim_verdict_reproduced_clearly_and_not():
+    desc = lambda c: f"{c[0]}->{c[1]}"  # noqa: E731
+    cells = {"score": {("pro", "dev"): _est(0.9), ("dev", "dev"): _est(0.5), ("pro", "pro"): _est(0.6)},
+             "fd": {("pro", "dev"): _est(3.0), ("dev", "dev"): _est(1.0), ("pro", "pro"): _est(2.0)}}
+    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    assert v["reproduced"] is True and v["clear"] is True and v["text"].startswith("**Reproduced clearly.**")
+    assert v["ranks"] == {"score": [1, 3], "fd": [3, 3]}  # lower fd is better
+    v = C.claim_verdict(cells, ("pro", "dev"), "fd", desc)
+    assert v["reproduced"] is False and "dev->dev is best" in v["text"] and "ranks 3 of 3" in v["text"]
+    cells["score"][("dev", "dev")] = _est(0.89, 0.05)
+    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    assert v["reproduced"] is True and v["clear"] is False and "not significant" in v["text"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full run with a fake toolkit
+
+BASE_RED = {"dev": 0.1, "pro": 0.0}
+LORA_RED = {"weak": 0.3, "strong": 0.6}
+
+
+class FakeToolkit:
+    """Images are constant colours: red = base offset + LoRA effect (+ step/10 for checkpoints), green = guidance/10,
+    blue = 0.01 * seed. The fake judge reads style = mean red, adherence = 1 - mean green, features = channel means."""
+
+    def __init__(self):
+        self.loaded, self.merged = [], []
+
+    def load_base(self, entry):
+        self.loaded.append(entry.name)
+        return {"name": entry.name, "red": BASE_RED[entry.name]}
+
+    @contextlib.contextmanager
+    def apply_lora(self, model, path, strength):
+        name = path.parent.parent.name if path.parent.name.startswith("checkpoint-") else path.stem
+        extra = int(path.parent.name.split("-")[1]) / 100 if path.parent.name.startswith("checkpoint-") else 0.0
+        self.merged.append((model["name"], path.name))
+        model["red"] += strength * (LORA_RED[name] - extra)
+        yield
+        model["red"] -= strength * (LORA_RED[name] - extra)
+
+    def generate(self, model, prompts, seeds, *, entry, guidance, sampling):
+        out = torch.zeros(len(prompts), 3, sampling.height, sampling.width)
+        out[:, 0] = model["red"]
+        out[:, 1] = guidance / 10
+        out[:, 2] = torch.tensor([0.01 * s for s in seeds])[:, None, None]
+        return out
+
+    def judge(self, metrics):
+        return FakeJudge()
+
+    def release(self, model):
+        pass
+
+
+class FakeJudge:
+    def score(self, images, prompts):
+        return {"style": images[:, 0].mean((1, 2)).numpy(), "adherence": 1 - images[:, 1].mean((1, 2)).numpy()}
+
+    def features(self, images):
+        return images.mean((2, 3)).double().numpy()
+
+    def frechet(self, a, b):
+        return float(((a.mean(0) - b.mean(0)) ** 2).sum())
+
+
+def _config(tmp_path, **over):
+    runs = tmp_path / "runs"
+    for name in LORA_RED:
+        (runs / name).mkdir(parents=True)
+        (runs / name / f"{name}.safetensors").write_bytes(b"")
+        for step in (10, 20):
+            (runs / name / f"checkpoint-{step}").mkdir()
+            (runs / name / f"checkpoint-{step}" / f"{name}.safetensors").write_bytes(b"")
+    from PIL import Image
+
+    (tmp_path / "ref").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (int(255 * 0.7), 0, 0)).save(tmp_path / "ref" / f"{i}.png")
+    data = {
+        "bases": [{"name": "dev", "ref": "toy:dev", "mode": "embedded", "guidance": 3.5, "sweep": [2.0, 5.0]},
+                  {"name": "pro", "ref": "toy:pro", "mode": "cfg", "guidance": 3.0, "negative": "blurry"}],
+        "loras": [{"name": n, "path": f"runs/{n}/{n}.safetensors", "trained_on": f"T-{n}", "checkpoints": [f"runs/{n}"]}
+                  for n in LORA_RED],
+        "sampling": {"prompts": ["a", "b", "c"], "seeds": [0, 1], "steps": 2, "height": 8, "width": 8,
+                     "batch_size": 4, "grid_prompts": 2},
+        "metrics": {"reference": "ref", "bootstrap": 20},
+        "claim": {"lora": "strong", "base": "dev"},
+        "output": {"dir": "out"},
+    }
+    for k, v in over.items():
+        data[k] = v
+    return from_dict(C.CompareConfig, data)
+
+
+def test_plan_jobs_dedupes_and_groups(tmp_path):
+    cfg = _config(tmp_path)
+    ck = {x.name: C.find_checkpoints(x.checkpoints, tmp_path) for x in cfg.loras}
+    assert [s for s, _ in ck["weak"]] == [10, 20] and ck["weak"][0][1].name == "weak.safetensors"
+    jobs = C.plan_jobs(cfg, ck)
+    assert len({j.key for j in jobs}) == len(jobs)
+    # dev: 3 LoRA rows (none, weak, strong) x 3 guidance values + curves (1 seed): step 0 and 2 steps x 2 LoRAs
+    # pro: 3 rows x 1 value + the same curves
+    assert len(jobs) == 9 + 5 + 3 + 5
+    assert [j.base for j in jobs] == sorted([j.base for j in jobs], key=["dev", "pro"].index)
+
+
+def test_compare_with_fakes_writes_report_and_right_numbers(tmp_path):
+    cfg = _config(tmp_path)
+    tk = FakeToolkit()
+    res = C.run_compare(cfg, tk, root=tmp_path)
+    out = tmp_path / "out"
+    for name in ("report.md", "results.json", "grid.png", "bars.png", "sweep.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert tk.loaded == ["dev", "pro"]  # each base loaded once
+    # closed-form values of the fake: style = base red + LoRA red; adherence = 1 - g/10
+    assert res.main["style"][("strong", "dev")].mean == pytest.approx(0.7)
+    assert res.main["style"][("weak", "pro")].mean == pytest.approx(0.3)
+    assert res.main["adherence"][("weak", "pro")].mean == pytest.approx(0.7)
+    assert res.main["score"][("strong", "dev")].mean == pytest.approx(0.7 * 0.65)
+    assert res.main["fd"][("strong", "dev")].mean == pytest.approx((0.7 - 178 / 255) ** 2 + 0.35**2 + 0.005**2)
+    # diversity: feature distance between seeds 0 and 1 of a prompt is 0.01 (blue channel)
+    assert res.main["diversity"][("", "dev")].mean == pytest.approx(0.01)
+    assert [g for g, _ in res.sweep["adherence"][("weak", "dev")]] == [2.0, 3.5, 5.0]
+    curve = dict(res.curves["style"][("weak", "dev")])
+    assert sorted(curve) == [0, 10, 20]
+    assert curve[0].mean == pytest.approx(0.1) and curve[10].mean == pytest.approx(0.1 + 0.3 - 0.1)
+    # score: strong@dev 0.7 * 0.65 = 0.455 > strong@pro 0.6 * 0.7 = 0.42 > weak@dev 0.26 > weak@pro 0.21; the fake
+    # has no spread, so the intervals are points and the lead is clear
+    assert res.verdict["ranking"] == [["strong", "dev"], ["strong", "pro"], ["weak", "dev"], ["weak", "pro"]]
+    assert res.verdict["reproduced"] is True and res.verdict["clear"] is True
+
+    report = (out / "report.md").read_text()
+    assert "## Verdict" in report and "![grid](grid.png)" in report and "trained on x applied to" in report
+    assert "T-strong" in report and "true CFG 3" in report and "embedded g=3.5" in report
+    data = json.loads((out / "results.json").read_text())
+    assert data["verdict"]["claim"] == ["strong", "dev"]
+    assert {(c["lora"], c["base"]) for c in data["main"]["style"]} == {
+        (lora, b) for lora in (None, "weak", "strong") for b in ("dev", "pro")}
+
+    from PIL import Image
+
+    grid = Image.open(out / "grid.png")
+    # rows: 3 x 2 cells at main guidance; columns: 2 prompts x 2 seeds
+    assert grid.size == (330 + 4 * (8 * 3 + 4), 34 + 6 * (8 * 3 + 4))
+
+
+def test_verdict_not_reproduced_is_reported(tmp_path):
+    cfg = _config(tmp_path, claim={"lora": "weak", "base": "pro"}, curves=False)
+    res = C.run_compare(cfg, FakeToolkit(), root=tmp_path)
+    assert res.verdict["reproduced"] is False and res.verdict["ranks"]["score"] == [4, 4]
+    assert "**Not reproduced.**" in (tmp_path / "out" / "report.md").read_text()
+    assert not (tmp_path / "out" / "curves.png").exists()
+
+
+def test_config_is_strict(tmp_path):
+    cfg = _config(tmp_path)
+    data = C.dataclasses.asdict(cfg)
+    data["sampling"]["seedz"] = [1]
+    with pytest.raises(ConfigError, match="seedz"):
+        from_dict(C.CompareConfig, data)
+    data = C.dataclasses.asdict(cfg)
+    data["claim"]["lora"] = "nope"
+    with pytest.raises(ConfigError, match="claim.lora"):
+        from_dict(C.CompareConfig, data)
+    data = C.dataclasses.asdict(cfg)
+    data["bases"][0]["negative"] = "x"
+    with pytest.raises(ConfigError, match="negative prompt needs"):
+        from_dict(C.CompareConfig, data)
+
+
+def test_missing_files_are_one_line_errors(tmp_path):
+    cfg = _config(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        C.run_compare(cfg, FakeToolkit(), root=tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="checkpoint-<step>"):
+        C.find_checkpoints([str(tmp_path / "ref")])
