@@ -344,9 +344,11 @@ class BucketBatchSampler:
             yield self._rank_slice(batches[pos])
         self.epoch, self.position = epoch + 1, 0
 
-    def iterate(self, start_step: int = 0) -> Iterator[list[int]]:
-        """Endless batches for global steps start_step, start_step + 1, ... (epochs follow each other)."""
-        self.epoch, self.position = divmod(start_step, self.steps_per_epoch)
+    def iterate(self, start_step: int | None = None) -> Iterator[list[int]]:
+        """Endless batches for global steps start_step, start_step + 1, ... (epochs follow each other); with None,
+        from the current state (after `load_state_dict`)."""
+        if start_step is not None:
+            self.epoch, self.position = divmod(start_step, self.steps_per_epoch)
         while True:
             yield from self
 
