@@ -123,10 +123,13 @@ class FakeToolkit:
         model["red"] -= strength * (LORA_RED[name] - extra)
 
     def generate(self, model, prompts, seeds, *, entry, guidance, sampling):
-        out = torch.zeros(len(prompts), 3, sampling.height, sampling.width)
+        assert entry.mode == {"dev": "embedded", "pro": "cfg"}[entry.name]
+        n = len(prompts) * len(seeds)
+        assert n <= max(sampling.batch_size, len(seeds))
+        out = torch.zeros(n, 3, sampling.height, sampling.width)
         out[:, 0] = model["red"]
         out[:, 1] = guidance / 10
-        out[:, 2] = torch.tensor([0.01 * s for s in seeds])[:, None, None]
+        out[:, 2] = torch.tensor([0.01 * s for _ in prompts for s in seeds])[:, None, None]  # prompt-major
         return out
 
     def judge(self, metrics):
@@ -159,7 +162,7 @@ def _config(tmp_path, **over):
 
     (tmp_path / "ref").mkdir()
     for i in range(3):
-        Image.new("RGB", (8, 8), (int(255 * 0.7), 0, 0)).save(tmp_path / "ref" / f"{i}.png")
+        Image.new("RGB", (8, 8), (255, 127, 127)).save(tmp_path / "ref" / f"{i}.png")  # [-1, 1]: (1, ~0, ~0)
     data = {
         "bases": [{"name": "dev", "ref": "toy:dev", "mode": "embedded", "guidance": 3.5, "sweep": [2.0, 5.0]},
                   {"name": "pro", "ref": "toy:pro", "mode": "cfg", "guidance": 3.0, "negative": "blurry"}],
@@ -201,7 +204,8 @@ def test_compare_with_fakes_writes_report_and_right_numbers(tmp_path):
     assert res.main["style"][("weak", "pro")].mean == pytest.approx(0.3)
     assert res.main["adherence"][("weak", "pro")].mean == pytest.approx(0.7)
     assert res.main["score"][("strong", "dev")].mean == pytest.approx(0.7 * 0.65)
-    assert res.main["fd"][("strong", "dev")].mean == pytest.approx((0.7 - 178 / 255) ** 2 + 0.35**2 + 0.005**2)
+    assert res.main["fd"][("strong", "dev")].mean == pytest.approx(
+        0.3**2 + (0.35 + 0.5 / 127.5) ** 2 + (0.005 + 0.5 / 127.5) ** 2)
     # diversity: feature distance between seeds 0 and 1 of a prompt is 0.01 (blue channel)
     assert res.main["diversity"][("", "dev")].mean == pytest.approx(0.01)
     assert [g for g, _ in res.sweep["adherence"][("weak", "dev")]] == [2.0, 3.5, 5.0]

@@ -438,7 +438,7 @@ class Toolkit(Protocol):
 
     def generate(self, model, prompts: Sequence[str], seeds: Sequence[int], *, entry: BaseEntry, guidance: float,
                  sampling: SamplingSection):
-        """Images as a float tensor (n, 3, H, W) in [0, 1], image i from prompts[i] and seeds[i]."""
+        """Images (len(prompts) * len(seeds), 3, H, W) in [-1, 1], prompt-major (prompt 0 with every seed, ...)."""
 
     def apply_lora(self, model, path: Path, strength: float) -> contextlib.AbstractContextManager: ...
 
@@ -479,26 +479,36 @@ class FluxToolkit:
 
         ae, text = self.encoders()
         cfg_mode = entry.mode == "cfg"
+        # CFG bases get embedded guidance 1.0 (what de-distilled bases train at); generate ignores it without one.
         images = generate(
-            model, ae, text, list(prompts),
-            negative=entry.negative if cfg_mode else None,
-            height=sampling.height, width=sampling.width, steps=sampling.steps,
-            guidance=1.0 if cfg_mode else guidance, cfg=guidance if cfg_mode else 1.0,
-            seeds=list(seeds), progress=False,
+            model, ae, text, list(prompts), negative=entry.negative, height=sampling.height, width=sampling.width,
+            steps=sampling.steps, guidance=1.0 if cfg_mode else guidance, cfg=guidance if cfg_mode else 1.0,
+            seeds=list(seeds), batch_size=sampling.batch_size, progress=False,
         )
-        return as_unit_images(images)
+        return as_images(images)
 
     @contextlib.contextmanager
     def apply_lora(self, model, path: Path, strength: float) -> Iterator[None]:
-        from dev2pro.lora import merge_lora_into_model, unmerge_lora_from_model
+        """fp32 bases: merge into the weights (fastest sampling; unmerging is exact to rounding). Other dtypes: an
+        unmerged adapter, so bf16/fp8 base weights are never rounded by merge + unmerge."""
+        import torch
+
+        from dev2pro import lora as L
         from dev2pro.lora_files import load_lora
 
         lora = load_lora(path)
-        merge_lora_into_model(model, lora, strength)
+        merged = next(model.parameters()).dtype == torch.float32
+        if merged:
+            L.merge_lora_into_model(model, lora, strength)
+        else:
+            L.apply_lora(model, lora, strength, adapter_name="compare")
         try:
             yield
         finally:
-            unmerge_lora_from_model(model, lora, strength)
+            if merged:
+                L.unmerge_lora_from_model(model, lora, strength)
+            else:
+                L.remove_lora(model, adapter_name="compare")
 
     def judge(self, metrics: MetricsSection):
         if metrics.judge == "none":
@@ -528,9 +538,11 @@ class ToyJudgeAdapter:
         return _np(self.judge.features(images))
 
     def frechet(self, a, b):
+        import torch
+
         from dev2pro.toy.judge import frechet_distance
 
-        return float(frechet_distance(a, b))
+        return float(frechet_distance(torch.from_numpy(a), torch.from_numpy(b)))
 
 
 def _np(x) -> np.ndarray:
@@ -539,18 +551,19 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def as_unit_images(images):
-    """A float tensor (n, 3, H, W) in [0, 1] from a tensor or a list of PIL images."""
+def as_images(images):
+    """A float tensor (n, 3, H, W) in [-1, 1] (the project's image convention) from a tensor in [-1, 1] or a list of
+    PIL images."""
     import torch
 
     if isinstance(images, torch.Tensor):
-        return images.detach().float().cpu().clamp(0, 1)
-    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+        return images.detach().float().cpu().clamp(-1, 1)
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
 def read_images(folder: str | Path, limit: int = 0, size: tuple[int, int] | None = None):
-    """Images of a folder (sorted by name) as a (n, 3, H, W) float tensor in [0, 1], resized to `size` (h, w)."""
+    """Images of a folder (sorted by name) as a (n, 3, H, W) float tensor in [-1, 1], resized to `size` (h, w)."""
     from PIL import Image
 
     folder = Path(folder)
@@ -567,7 +580,7 @@ def read_images(folder: str | Path, limit: int = 0, size: tuple[int, int] | None
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BICUBIC)
         ims.append(im)
-    return as_unit_images(ims)
+    return as_images(ims)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -642,11 +655,15 @@ def _run_job(cfg, job, entry, model, toolkit, judge, bar) -> JobResult:
     keep = _grid_subset(job, s)
     t0 = time.perf_counter()
     style, adher, feats, grid = [], [], [], {}
-    for k in range(0, len(pairs), s.batch_size):
-        chunk = pairs[k: k + s.batch_size]
+    per_call = max(1, s.batch_size // len(job.seeds))  # prompts per call; every prompt with every seed
+    for k in range(0, len(job.prompts), per_call):
+        idx = range(k, min(k + per_call, len(job.prompts)))
+        chunk = [(i, sd) for i in idx for sd in job.seeds]
+        images = toolkit.generate(model, [job.prompts[i] for i in idx], job.seeds, entry=entry,
+                                  guidance=job.guidance, sampling=s)
+        if len(images) != len(chunk):
+            raise RuntimeError(f"generate returned {len(images)} images for {len(chunk)} prompt x seed pairs")
         prompts = [job.prompts[i] for i, _ in chunk]
-        images = toolkit.generate(model, prompts, [sd for _, sd in chunk], entry=entry, guidance=job.guidance,
-                                  sampling=s)
         if judge is not None:
             sc = judge.score(images, prompts)
             style.append(sc["style"])
@@ -767,7 +784,7 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
             img = res.images.get(pair)
             if img is None:
                 continue
-            arr = (torch.as_tensor(img).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            arr = ((torch.as_tensor(img).clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
             tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
             grid.paste(tile, (label_w + c * (w + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
