@@ -1,0 +1,71 @@
+"""`dev2pro cache DATA OUT`: precompute latents and text embeddings into shards for large-scale training."""
+
+from __future__ import annotations
+
+HELP = "precompute latents and text embeddings of an image folder into shards (for large datasets)"
+DESCRIPTION = """\
+Scan DATA (images with same-name .txt captions, subfolders included), encode every image with the autoencoder and
+every caption with the text encoders, and write the results to OUT as shards: shard-NNNNNN.safetensors (latents,
+T5 sequence, CLIP pooled) with a shard-NNNNNN.json manifest each, plus OUT/dataset.json listing the shards. Each shard
+holds one aspect-ratio bucket. Trainers stream the shards rank by rank without loading a global index; a rerun keeps
+the shards that are already complete, so an interrupted run can simply be started again.
+
+Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed at the end.
+
+examples:
+  dev2pro cache ./my_images ./my_shards                              # toy encoders (quick check of a folder)
+  dev2pro cache ./images ./shards --ae ae.safetensors --t5 ./FLUX.1-dev --clip ./FLUX.1-dev \\
+      --resolution 1024 --shard-size 256 --device cuda --dtype bf16
+"""
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("data", help="folder of images with same-name .txt captions")
+    parser.add_argument("out", help="output folder for the shards")
+    parser.add_argument("--ae", default="toy", help="autoencoder: BFL ae.safetensors, diffusers folder or 'toy'")
+    parser.add_argument("--t5", default="toy", help="T5 encoder: folder (or pipeline folder) or 'toy'")
+    parser.add_argument("--clip", default=None, help="CLIP-L encoder: folder (or pipeline folder); default: --t5")
+    parser.add_argument("--max-length", type=int, default=512, help="T5 tokens (512 for dev, 256 for schnell)")
+    parser.add_argument("--resolution", type=int, default=512, help="target side: pixel area = resolution^2")
+    parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
+    parser.add_argument("--trigger", default="", help="trigger word prepended to captions (or replacing [trigger])")
+    parser.add_argument("--default-caption", default="", help="caption for images without a .txt file")
+    parser.add_argument("--crop", choices=["center", "random"], default="center", help="crop into the bucket")
+    parser.add_argument("--upscale", action="store_true", help="upscale small images instead of skipping them")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoder compute dtype")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args) -> int:
+    import torch
+
+    from dev2pro import components
+    from dev2pro.data import DataConfig, scan_dataset
+    from dev2pro.shards import write_shards
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = getattr(torch, DTYPES[args.dtype])
+    cfg = DataConfig(
+        dir=args.data,
+        trigger=args.trigger,
+        default_caption=args.default_caption,
+        resolution=args.resolution,
+        crop=args.crop,
+        upscale=args.upscale,
+    )
+    cfg.validate()
+    ae = components.load_autoencoder(args.ae, device=device, dtype=dtype)
+    index = scan_dataset(cfg, 2 * ae.downsample)
+    print(index.report.summary())
+    text = components.load_text_encoder(args.t5, args.clip, device=device, dtype=dtype, max_length=args.max_length)
+    info = write_shards(
+        index, ae, text, args.out, shard_size=args.shard_size, device=device, dtype=dtype,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(f"{args.out}: {len(info['shards'])} shards ({info['written']} written, {info['kept']} already complete), "
+          f"{info['items']} images")
+    return 0
