@@ -160,6 +160,7 @@ def take(it, n):
 def test_sampler_batches_are_bucket_consistent_and_deterministic():
     s = BucketBatchSampler(DATA, batch_size=4, seed=7)
     assert len(s) == 37 // 4 + 22 // 4 + 9 // 4 + 3 // 4
+    assert s.never_used == 3  # the (40, 16) bucket holds 3 < 4 items
     epoch0 = list(s)
     assert s.state_dict()["epoch"] == 1
     for batch in epoch0:

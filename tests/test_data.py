@@ -84,6 +84,8 @@ def messy(tmp_path_factory) -> tuple[Path, object]:
     (d / "trunc2.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (d / "text.png").write_text("this is not an image")
     (d / "bomb.png").write_bytes(raw_png(30000, 30000, 8, 2, None))  # 9e8 pixels > 2 x PIL's limit, header only
+    (d / "bomb2.png").write_bytes(raw_png(10000, 10000, 8, 2, None))  # 1e8: over the limit, PIL only warns
+    (d / "lab.tif").write_bytes(b"")  # not an image extension: ignored
     save(solid((10, 10), (1, 2, 3)), d / "tiny.png")  # below the smallest bucket side (16)
     (d / "cmyk.jpg").write_bytes(jpeg_bytes(solid((32, 32), (200, 60, 30)).convert("CMYK")))
     save(Image.fromarray(np.full((32, 32), 0x8080, np.uint16)), d / "gray16.png")
@@ -108,17 +110,18 @@ def test_bad_inputs_are_counted_skips_with_names(messy):
     _, index = messy
     rep = index.report
     skipped = {name: reason for reason, names in rep.skipped.items() for name in names}
-    assert set(skipped) == {"zero.png", "trunc.jpg", "trunc2.png", "text.png", "bomb.png", "tiny.png"}
+    assert set(skipped) == {"zero.png", "trunc.jpg", "trunc2.png", "text.png", "bomb.png", "bomb2.png", "tiny.png"}
     assert skipped["zero.png"] == "empty file"
     assert skipped["text.png"] == "not an image"
     assert skipped["trunc.jpg"].startswith("unreadable") and skipped["trunc2.png"].startswith("unreadable")
-    assert "limit" in skipped["bomb.png"] and "smallest bucket" in skipped["tiny.png"]
+    assert "limit" in skipped["bomb.png"] and "limit" in skipped["bomb2.png"]
+    assert "smallest bucket" in skipped["tiny.png"]
     used = sorted(it.path.name for it in index.items)
     assert used == sorted(
         ["good.png", "cmyk.jpg", "gray16.png", "rgb16.png", "gray.png", "rgba.png", "palette.png", "rotated.jpg",
          "UPPER.PNG", "webp.webp"]
     )
-    assert rep.images_found == 16 and rep.images_used == 10 and rep.num_skipped == 6
+    assert rep.images_found == 17 and rep.images_used == 10 and rep.num_skipped == 7
     assert rep.orphan_captions == ["orphan.txt"]
     assert rep.empty_captions == ["gray.txt"] and rep.non_utf8_captions == ["rotated.txt"]
     assert sorted(rep.default_captions) == sorted(

@@ -29,6 +29,7 @@ Reference: kohya sd-scripts bucket batching; torch DistributedSampler (padding b
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import random
@@ -43,6 +44,8 @@ from safetensors.torch import load_file, save_file
 
 from dev2pro.data import DataItem, DatasetIndex, load_image
 from dev2pro.errors import DataError
+
+log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "dev2pro-cache-1"
 
@@ -304,6 +307,13 @@ class BucketBatchSampler:
             raise DataError(
                 f"no bucket holds a full batch of {g} items (largest bucket: {largest}): lower the batch size, "
                 "add repeats or images, or allow partial batches"
+            )
+        # with drop_last, a bucket smaller than one global batch is never trained on: say so once
+        self.never_used = sum(len(x) for x in self.groups if len(x) < g) if drop_last else 0
+        if self.never_used and rank == 0:
+            log.warning(
+                "%d of %d items are in buckets with fewer than %d items (batch size x processes) and are never "
+                "used; add images of those shapes or lower the batch size", self.never_used, self.size, g,
             )
         self.epoch = 0
         self.position = 0

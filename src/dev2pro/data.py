@@ -47,9 +47,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 TRIGGER_TOKEN = "[trigger]"
-# EXIF orientation tags 5-8 are transposed or rotated by 90 degrees: width and height swap.
 EXIF_ORIENTATION = 0x0112
-SWAPS_SIDES = {5, 6, 7, 8}
 
 
 @dataclass(frozen=True)
@@ -360,23 +358,28 @@ def _walk(root: Path, skip_dirs: set[Path]) -> tuple[list[Path], list[Path]]:
 
 
 def _inspect(path: Path) -> tuple[str, tuple[int, int], str, bool]:
-    """(sha256, oriented size, source mode, rotated) of a usable image; raises ValueError(reason) otherwise."""
+    """(sha256, oriented size, source mode, rotated) of a usable image; raises ValueError(reason) otherwise.
+
+    Decodes, orients and converts exactly as `load_image` will, so nothing fails later in the middle of caching.
+    """
     data = path.read_bytes()
     if not data:
         raise ValueError("empty file")
     try:
         img = open_image(data)
-    except Image.DecompressionBombError:
+        mode = img.mode
+        rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+        img = to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"larger than PIL's limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
         raise ValueError("not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ValueError(f"unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # a damaged file can raise anything from inside a decoder
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"unreadable: {first or type(e).__name__}") from None
     if img.width < 1 or img.height < 1:
         raise ValueError("no pixels")
-    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    size = (img.height, img.width) if orientation in SWAPS_SIDES else (img.width, img.height)
-    return hashlib.sha256(data).hexdigest(), size, img.mode, orientation not in (1, None)
+    return hashlib.sha256(data).hexdigest(), img.size, mode, rotated
 
 
 FLUX_BUCKET_STEP = 16  # 2 x the Flux autoencoder's downsample of 8: latents are packed in 2x2 patches
