@@ -213,7 +213,10 @@ def _inject(model: nn.Module, paths: list[str], rank: dict[str, int], alpha: dic
     )
     if _lora_wrappers(model, adapter_name):
         raise UserError(f"the model already has a LoRA adapter named '{adapter_name}'")
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
     before = {id(p): p.requires_grad for p in model.parameters()}
+    active = {id(m): list(m.active_adapters) for m in model.modules() if isinstance(m, PeftLoraLayer)}
     with warnings.catch_warnings():  # "multiple adapters" is intended (training LoRA + sampling LoRAs)
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
@@ -221,9 +224,11 @@ def _inject(model: nn.Module, paths: list[str], rank: dict[str, int], alpha: dic
     missing = [p for p in paths if p not in wrappers]
     if missing:  # a name peft resolved differently (prefixes): fail loudly rather than train a partial LoRA
         raise RuntimeError(f"peft did not wrap {len(missing)} target modules, e.g. {missing[:3]}")
+    for m in model.modules():  # peft activates only the newest adapter, model-wide: keep the others active
+        if isinstance(m, PeftLoraLayer):
+            names = active.get(id(m), []) + ([adapter_name] if adapter_name in m.lora_A else [])
+            m.set_adapter(names)
     for p, m in wrappers.items():
-        # keep every active adapter active (peft activates only the newest when injecting)
-        m.set_adapter(sorted(set(m.active_adapters) | {adapter_name}))
         a, b = m.lora_A[adapter_name], m.lora_B[adapter_name]
         a.to(torch.float32)
         b.to(torch.float32)
@@ -361,7 +366,12 @@ def set_linear_weight(lin: nn.Linear, w: torch.Tensor) -> None:
     fp8 = _fp8_linear_class()
     with torch.no_grad():
         if fp8 is not None and isinstance(lin, fp8):
-            lin.set_weight(w)
+            from dev2pro.fp8 import quantize
+
+            w8, scale = quantize(w, lin.scaling)  # re-quantize with the layer's own scaling (none/tensor/channel)
+            lin.weight.data.copy_(w8.to(lin.weight.device))
+            if scale is not None:
+                lin.scale_weight.copy_(scale.to(lin.scale_weight.device))
         else:
             lin.weight.copy_(w.to(lin.weight.dtype))
 
