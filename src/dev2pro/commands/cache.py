@@ -10,10 +10,10 @@ T5 sequence, CLIP pooled) with a shard-NNNNNN.json manifest each, plus OUT/datas
 holds one aspect-ratio bucket. Trainers stream the shards rank by rank without loading a global index; a rerun keeps
 the shards that are already complete, so an interrupted run can simply be started again.
 
-Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed at the end.
+Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts.
 
 examples:
-  dev2pro cache ./my_images ./my_shards                              # toy encoders (quick check of a folder)
+  dev2pro cache ./toy_images ./toy_shards --resolution 32            # toy encoders, toy-world images
   dev2pro cache ./images ./shards --ae ae.safetensors --t5 ./FLUX.1-dev --clip ./FLUX.1-dev \\
       --resolution 1024 --shard-size 256 --device cuda --dtype bf16
 """
