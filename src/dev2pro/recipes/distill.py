@@ -1,0 +1,207 @@
+"""`dev2pro distill`: guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"), the
+step that (most likely) made FLUX.1-dev from its CFG teacher.
+
+    teacher  v_T(x_t, t, c): frozen; no guidance embedding (a "pro" model), or a de-distilled one used at g = 1
+    student  v_S(x_t, t, c, w): the teacher's weights + a guidance embedding; w ~ U[w_min, w_max] per sample
+    loss     || v_S(x_t, t, c, w) - [v_T(x_t, t, 0) + w (v_T(x_t, t, c) - v_T(x_t, t, 0))] ||^2
+             + flow_weight || v_S(x_t, t, c, w) - (eps - x0) ||^2          (optional, default off)
+
+The unconditional prediction uses the empty prompt's embedding (encoded once before the text encoders are freed).
+
+Student initialisation (`student_from_teacher`): the guidance embedder's input layer is copied from the teacher's
+(its guidance embedder if it has one, else its timestep embedder: the same sinusoidal features, so a sensible start)
+and its output layer gets zero weights, with the bias set to the teacher's guidance embedding at g = 1 (zero for a
+teacher without one). So at step 0 the student's output is exactly the teacher's, for every w.
+
+Memory: the teacher is frozen and never wrapped by DDP/FSDP (every rank holds a full copy); `distill.teacher_fp8`
+stores its block linears in float8_e4m3fn (per-tensor scaled) after the student was copied from it. Both teacher
+passes (conditional and unconditional) run as one batch of 2b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dev2pro import flow
+from dev2pro import training as T
+from dev2pro.config import dump_toml
+from dev2pro.data import DataConfig
+from dev2pro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """`[distill]`. `teacher` defaults to `model.base` (the student starts from the teacher's weights)."""
+
+    teacher: str = ""
+    w_min: float = 1.0
+    w_max: float = 4.0
+    flow_weight: float = 0.0
+    teacher_fp8: bool = False
+    teacher_guidance: float = 1.0  # input of a teacher that has a guidance embedding (de-distilled: 1.0)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.w_min <= self.w_max:
+            raise ConfigError(f"distill.w_min ({self.w_min}) must be >= 0 and <= distill.w_max ({self.w_max})")
+        if self.flow_weight < 0:
+            raise ConfigError(f"distill.flow_weight must be >= 0, got {self.flow_weight}")
+
+
+@dataclass(frozen=True)
+class DistillRecipeConfig:
+    model: T.ModelConfig
+    train: T.TrainConfig
+    output: T.OutputConfig
+    data: DataConfig | None = None
+    distill: DistillSection = field(default_factory=DistillSection)
+    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
+    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
+    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+
+
+@torch.no_grad()
+def student_from_teacher(teacher: torch.nn.Module, teacher_guidance: float = 1.0) -> torch.nn.Module:
+    """A float32 CPU copy of `teacher` with a guidance embedding that contributes exactly what the teacher's does at
+    `teacher_guidance` (nothing, for a teacher without one), whatever w is fed: student == teacher at step 0."""
+    from dev2pro.models import FluxSpec, build_transformer, has_guidance_embed
+
+    spec = FluxSpec.from_diffusers_config(dict(teacher.config)).replace(guidance_embed=True)
+    student = build_transformer(spec, device="cpu")
+    sd = {k: v.detach().float().cpu() for k, v in teacher.state_dict().items()}
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    extra = [k for k in missing if not k.startswith("time_text_embed.guidance_embedder.")]
+    if extra or unexpected:
+        raise ValueError(f"teacher does not match the student architecture: missing {extra}, unexpected {unexpected}")
+    emb = teacher.time_text_embed
+    ge = student.time_text_embed.guidance_embedder
+    if has_guidance_embed(teacher):
+        ge.load_state_dict({k: v.float() for k, v in emb.guidance_embedder.state_dict().items()})
+        proj = emb.time_proj(torch.tensor([teacher_guidance * 1000.0]))  # diffusers feeds g * 1000
+        bias = emb.guidance_embedder(proj.to(next(emb.guidance_embedder.parameters()).dtype))[0].float()
+    else:
+        ge.linear_1.load_state_dict({k: v.float() for k, v in emb.timestep_embedder.linear_1.state_dict().items()})
+        bias = torch.zeros_like(ge.linear_2.bias)
+    ge.linear_2.weight.zero_()
+    ge.linear_2.bias.copy_(bias)
+    return student
+
+
+def distill_target(v_uncond: torch.Tensor, v_cond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The teacher's CFG prediction v_u + w (v_c - v_u), w per sample."""
+    return flow.cfg_combine(v_uncond.float(), v_cond.float(), w)
+
+
+def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+    from dev2pro import monitor as M
+    from dev2pro.models import has_guidance_embed
+
+    # ---- setup
+    acc = T.setup_accelerator(cfg.train, cfg.distributed)
+    out = T.prepare_output_dir(cfg.output.dir)
+    resume_from = T.find_resume(out, resume)
+    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    torch.manual_seed(cfg.train.seed)
+    teacher = T.load_model(cfg.distill.teacher or cfg.model.base, "fp32", "cpu")
+    if cfg.distill.teacher and cfg.distill.teacher != cfg.model.base:
+        init = T.load_model(cfg.model.base, "fp32", "cpu")
+        student = init if has_guidance_embed(init) else student_from_teacher(init, cfg.distill.teacher_guidance)
+        del init
+    else:
+        student = student_from_teacher(teacher, cfg.distill.teacher_guidance)
+    teacher_has_g = has_guidance_embed(teacher)
+    teacher.requires_grad_(False).eval()
+    if cfg.distill.teacher_fp8:
+        from dev2pro.fp8 import swap_linears_to_fp8
+
+        swap_linears_to_fp8(teacher, scaling="tensor")
+    elif cfg.model.dtype == "bf16":
+        teacher.to(torch.bfloat16)
+    teacher.to(acc.device)
+    student.to(acc.device).requires_grad_(True).train()
+    if cfg.train.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    probe = M.GuidanceProbe.build(student, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
+    opt = T.make_optimizer(student.parameters(), cfg.train)
+    student, opt = acc.prepare(student, opt)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    start = 0
+    if resume_from is not None:
+        start = T.load_checkpoint(resume_from, acc, student, opt, generator=gen, sampler=data.sampler).step
+    batches = T.infinite_batches(data)
+    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
+    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
+                       tensorboard=False) if probe else None
+    config_toml = dump_toml(cfg)
+    e_txt, e_pooled = data.prompts[""]
+    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "distill")
+
+    # ---- loop
+    for step in range(start, cfg.train.steps):
+        if probe is not None and step % cfg.monitor.every == 0:
+            M.log_probe(probe, acc, student, step, log, mon_log)
+        lr = T.set_lr(opt, step, cfg.train)
+        per_all, t_all, distill_all = [], [], []
+        for micro in range(cfg.train.grad_accum):
+            latents, txt, pooled = T.batch_tensors(next(batches))
+            fb = T.flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
+            n, mine = T.global_draw(acc, latents.shape[0])
+            w = (cfg.distill.w_min + (cfg.distill.w_max - cfg.distill.w_min) * torch.rand(n, generator=gen))[mine]
+            w = w.to(acc.device)
+            b = fb.x_t.shape[0]
+            with acc.autocast(), torch.no_grad():
+                both = T.forward_flux(
+                    teacher, teacher_has_g, torch.cat([fb.x_t, fb.x_t]), torch.cat([fb.t, fb.t]),
+                    torch.cat([fb.txt, e_txt.to(fb.txt).expand_as(fb.txt)]),
+                    torch.cat([fb.pooled, e_pooled.to(fb.pooled).expand_as(fb.pooled)]),
+                    fb.img_ids, fb.txt_ids, cfg.distill.teacher_guidance)
+                target = distill_target(both[b:], both[:b], w)
+            with T.accumulation_context(acc, student, micro == cfg.train.grad_accum - 1), acc.autocast():
+                pred = T.forward_flux(student, True, fb.x_t, fb.t, fb.txt, fb.pooled, fb.img_ids, fb.txt_ids, w)
+                weight = flow.loss_weight(fb.t, cfg.train.loss_weighting)
+                d_loss = flow.flow_loss(pred, target, weight)
+                per = d_loss
+                if cfg.distill.flow_weight > 0:
+                    per = per + cfg.distill.flow_weight * flow.flow_loss(pred, fb.target, weight)
+                acc.backward(per.mean() / cfg.train.grad_accum)
+            per_all.append(per.detach())
+            distill_all.append(d_loss.detach())
+            t_all.append(fb.t)
+        per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
+        loss = float(per_g.mean())
+        d_mean = float(acc.gather(torch.cat(distill_all)).mean())
+        T.check_finite(loss, "loss", step + 1, out)
+        gn = T.grad_norm_and_clip(acc, student, cfg.train.max_grad_norm)
+        T.check_finite(gn, "gradient norm", step + 1, out)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            log.log(done, {"loss": loss, "loss/distill": d_mean, "lr": lr, "grad_norm": gn,
+                           **T.bucket_losses(per_g, t_g)})
+        if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.train.steps):
+            T.write_samples(acc, student, data, cfg.sample, out, done)
+        if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
+            T.save_checkpoint(out, done, acc, student, opt, generator=gen, sampler=data.sampler,
+                              config_toml=config_toml, keep_last=cfg.output.keep_last)
+    bar.close()
+
+    # ---- save
+    if probe is not None:
+        M.log_probe(probe, acc, student, cfg.train.steps, log, mon_log)
+    if cfg.output.save_every > 0:
+        T.save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
+                          config_toml=config_toml, keep_last=cfg.output.keep_last)
+    final = out / f"{cfg.output.name}.safetensors"
+    plain = T.full_model(acc, student)
+    if plain is not None:
+        T.save_model(plain, final, cfg.output)
+        (out / f"{cfg.output.name}.toml").write_text(config_toml)
+    acc.wait_for_everyone()
+    log.close()
+    acc.end_training()
+    return final

@@ -1,0 +1,142 @@
+"""`dev2pro train-base`: plain full training of a Flux transformer (from a seeded preset or continued from a
+checkpoint) with caption dropout, so the result works with classifier-free guidance.
+
+Objective: the flow-matching loss `|| v_theta(x_t, t, c) - (eps - x0) ||^2` (flow.py's convention); with probability
+`base.caption_dropout` a sample's text embedding (T5 sequence and CLIP pooled) is replaced by the empty prompt's
+embedding, which teaches the unconditional prediction that CFG needs (Ho & Salimans 2022). If the model has a guidance
+embedding it is fed `train.guidance` (a constant). This recipe builds the toy world's "pro" teacher, so it keeps CPU
+overheads low: the cached dataset is read directly, no DataLoader workers.
+
+Pitfalls: the empty-prompt embedding must come from the same text encoder as the cache (it is encoded with the sample
+prompts before the encoders are freed); dropout draws come from the run's generator, drawn for the global batch, so
+2 processes x b and 1 process x 2b drop the same samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dev2pro import flow
+from dev2pro import training as T
+from dev2pro.config import dump_toml
+from dev2pro.data import DataConfig
+from dev2pro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BaseSection:
+    """`[base]`: probability of replacing a caption by the empty prompt (0 = no CFG training)."""
+
+    caption_dropout: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"base.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+
+
+@dataclass(frozen=True)
+class TrainBaseConfig:
+    model: T.ModelConfig
+    train: T.TrainConfig
+    output: T.OutputConfig
+    data: DataConfig | None = None
+    base: BaseSection = field(default_factory=BaseSection)
+    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
+    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
+    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+
+
+def caption_dropout(txt, pooled, empty, p: float, generator: torch.Generator, accelerator):
+    """Replace each sample's (txt, pooled) by the empty prompt's with probability p (drawn for the global batch)."""
+    n, mine = T.global_draw(accelerator, txt.shape[0])
+    drop = (torch.rand(n, generator=generator) < p)[mine].to(txt.device)
+    e_txt, e_pooled = (e.to(txt.device, txt.dtype) for e in empty)
+    txt = torch.where(drop[:, None, None], e_txt.expand_as(txt), txt)
+    pooled = torch.where(drop[:, None], e_pooled.expand_as(pooled), pooled)
+    return txt, pooled
+
+
+def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+    from dev2pro import monitor as M
+    from dev2pro.models import has_guidance_embed
+
+    # ---- setup
+    acc = T.setup_accelerator(cfg.train, cfg.distributed)
+    out = T.prepare_output_dir(cfg.output.dir)
+    resume_from = T.find_resume(out, resume)
+    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    torch.manual_seed(cfg.train.seed)
+    model = T.load_model(cfg.model.base, "fp32", acc.device)
+    has_g = has_guidance_embed(model)
+    model.requires_grad_(True).train()
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
+    opt = T.make_optimizer(model.parameters(), cfg.train)
+    model, opt = acc.prepare(model, opt)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    start = 0
+    if resume_from is not None:
+        start = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
+    batches = T.infinite_batches(data)
+    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
+    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
+                       tensorboard=False) if probe else None
+    config_toml = dump_toml(cfg)
+    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "train-base")
+
+    # ---- loop
+    for step in range(start, cfg.train.steps):
+        if probe is not None and step % cfg.monitor.every == 0:
+            M.log_probe(probe, acc, model, step, log, mon_log)
+        lr = T.set_lr(opt, step, cfg.train)
+        per_all, t_all = [], []
+        for micro in range(cfg.train.grad_accum):
+            latents, txt, pooled = T.batch_tensors(next(batches))
+            fb = T.flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
+            c_txt, c_pooled = caption_dropout(fb.txt, fb.pooled, data.prompts[""], cfg.base.caption_dropout, gen, acc)
+            with T.accumulation_context(acc, model, micro == cfg.train.grad_accum - 1), acc.autocast():
+                pred = T.forward_flux(model, has_g, fb.x_t, fb.t, c_txt, c_pooled, fb.img_ids, fb.txt_ids,
+                                      cfg.train.guidance)
+                per = flow.flow_loss(pred, fb.target, flow.loss_weight(fb.t, cfg.train.loss_weighting))
+                acc.backward(per.mean() / cfg.train.grad_accum)
+            per_all.append(per.detach())
+            t_all.append(fb.t)
+        per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
+        loss = float(per_g.mean())
+        T.check_finite(loss, "loss", step + 1, out)
+        gn = T.grad_norm_and_clip(acc, model, cfg.train.max_grad_norm)
+        T.check_finite(gn, "gradient norm", step + 1, out)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            log.log(done, {"loss": loss, "lr": lr, "grad_norm": gn, **T.bucket_losses(per_g, t_g)})
+        if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.train.steps):
+            T.write_samples(acc, model, data, cfg.sample, out, done)
+        if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
+            T.save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
+                              config_toml=config_toml, keep_last=cfg.output.keep_last)
+    bar.close()
+
+    # ---- save
+    if probe is not None:
+        M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
+    if cfg.output.save_every > 0:
+        T.save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
+                          config_toml=config_toml, keep_last=cfg.output.keep_last)
+    final = out / f"{cfg.output.name}.safetensors"
+    plain = T.full_model(acc, model)
+    if plain is not None:
+        T.save_model(plain, final, cfg.output)
+        (out / f"{cfg.output.name}.toml").write_text(config_toml)
+    acc.wait_for_everyone()
+    log.close()
+    acc.end_training()
+    return final
+

@@ -1,0 +1,850 @@
+"""Shared training components: config sections, accelerator setup, optimizer and LR schedule, the flow-matching batch,
+logging, checkpoints with exact resume. The recipes (`dev2pro.recipes.*`) are linear files built from these pieces;
+nothing here owns a training loop or calls back into a recipe.
+
+Reproducibility and multi-process equality (the design choices that matter):
+
+- Every random draw of the objective (noise, timesteps, caption dropout, distillation scales) comes from ONE CPU
+  `torch.Generator` seeded with `train.seed`, identical on every rank. Each step draws the tensors for the *global*
+  batch (per-rank batch x world size) and each rank keeps its own slice (`global_draw`). So 2 processes with batch b
+  see exactly the noise and times 1 process with batch 2b sees; and the generator state is one tensor to checkpoint.
+- The LR schedule is a pure function of the step (`lr_factor`), applied to the optimizer each step: no scheduler state
+  can drift on resume.
+- Checkpoints hold the *full* (unsharded) trainable weights and optimizer state keyed by parameter name (through
+  `torch.distributed.checkpoint.state_dict`, which also gathers FSDP2 shards), so a checkpoint written by N processes
+  resumes in M. Everything is safetensors or JSON; no pickle anywhere.
+- A checkpoint folder is written under a temporary name and renamed when complete, so `checkpoint-<step>` folders are
+  always whole; a full disk leaves the previous one intact and stops with one line.
+
+Pitfalls: DDP/FSDP wrappers hide `model.config`; call `forward_flux` with the guidance flag taken from the unwrapped
+model. Python's and numpy's RNG states are saved too (LoRA dropout and peft use torch's global RNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dev2pro import flow
+from dev2pro.errors import ConfigError, UserError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config sections shared by the recipes (one TOML table each).
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: what to train and the encoders used to build the caches.
+
+    `base`: anything `dev2pro.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
+    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
+    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file).
+    """
+
+    base: str
+    t5: str = "toy"
+    clip: str = "toy"
+    autoencoder: str = "toy"
+    adapter: str | None = None
+    adapter_strength: float = 1.0
+    dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    compute_dtype: Literal["fp32", "bf16"] = "bf16"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`[train]`: the optimisation. `batch_size` is per process; the global batch is batch_size x processes."""
+
+    steps: int
+    guidance: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    timestep_sampling: Literal["uniform", "logit_normal", "shift", "flux_shift"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_scale: float = 1.0
+    shift: float = 3.1582
+    loss_weighting: Literal["none", "cosmap"] = "none"
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """`[lora]`: adapter shape. `targets`: `attention` (q/k/v/out and their text twins) or `all-linear` (kohya)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: Literal["attention", "all-linear"] = "attention"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """`[output]` of full-model recipes: final BFL single file `<dir>/<name>.safetensors` in `dtype` (fp8 with
+    `scaling`); checkpoints `checkpoint-<step>` every `save_every` steps (0 = only at the end), the last `keep_last`
+    kept."""
+
+    dir: str
+    name: str = "model"
+    save_every: int = 0
+    keep_last: int = 2
+    dtype: Literal["bf16", "fp32", "fp8_e4m3fn"] = "bf16"
+    scaling: Literal["none", "tensor", "channel"] = "none"
+
+    def validate(self) -> None:
+        _check_output(self)
+
+
+@dataclass(frozen=True)
+class LoraOutputConfig:
+    """`[output]` of train-lora: final LoRA `<dir>/<name>.safetensors` in `format` (kohya for ComfyUI/Forge,
+    diffusers for diffusers/peft)."""
+
+    dir: str
+    name: str = "lora"
+    format: Literal["kohya", "diffusers"] = "kohya"
+    save_every: int = 0
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        _check_output(self)
+
+
+def _check_output(o) -> None:
+    if o.save_every < 0 or o.keep_last < 1:
+        raise ConfigError("output.save_every must be >= 0 and output.keep_last >= 1")
+    if not re.fullmatch(r"[\w.\-]+", o.name):
+        raise ConfigError(f"output.name '{o.name}' must be a plain file name (letters, digits, _ . -)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
+    embedding (models that have one); `cfg` > 1 runs true CFG with `negative`."""
+
+    every: int = 0
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 20
+    guidance: float = 3.5
+    cfg: float = 1.0
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """`[monitor]`: guidance-health probe every `every` steps (0 = off) on `probe_size` fixed inputs."""
+
+    every: int = 0
+    probe_size: int = 4
+    seed: int = 1234
+    t_values: tuple[float, ...] = (0.3, 0.6, 0.9)
+    response_low: float = 1.0
+    response_high: float = 4.0
+    drift_guidances: tuple[float, ...] = (1.0, 3.5)
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """`[ema]`: exponential moving average of the trained weights (dedistill). The EMA weights are what is exported."""
+
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """`[distributed]`: how several processes share the work (ignored with one process). `ddp` replicates the model;
+    `fsdp2` shards parameters, gradients and optimizer state (accelerate's FSDP plugin, fsdp_version=2)."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices, accelerator, dtypes
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+def setup_accelerator(train: TrainConfig, dist: DistributedConfig | None = None):
+    """An `accelerate.Accelerator` for this run: cpu or cuda, bf16 autocast or none, DDP or FSDP2 when launched with
+    several processes (`accelerate launch`, `torchrun`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = train.device == "cpu" or (train.device == "auto" and not torch.cuda.is_available())
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA GPU is visible (use train.device = 'cpu' or 'auto')")
+    kwargs: dict[str, Any] = dict(cpu=cpu, mixed_precision=train.mixed_precision)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist is not None and dist.strategy == "fsdp2" and world > 1:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["FluxTransformerBlock", "FluxSingleTransformerBlock"],
+            cpu_ram_efficient_loading=False, activation_checkpointing=False,
+        )
+    else:
+        # Frozen base weights never get gradients; unused-parameter search costs a graph walk per step.
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    return Accelerator(**kwargs)
+
+
+def accumulation_context(accelerator, model, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulated step (a pure speed-up: the
+    reduced gradient is the same). FSDP2 and single processes need nothing."""
+    from accelerate.utils import DistributedType
+
+    ddp = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return accelerator.no_sync(model) if ddp and not last_micro_step else contextlib.nullcontext()
+
+
+def load_model(ref: str, dtype: str, device) -> torch.nn.Module:
+    """`dev2pro.checkpoint.load_transformer` with the config's dtype names ("auto" keeps the file's dtype)."""
+    from dev2pro.checkpoint import load_transformer
+
+    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype]
+    return load_transformer(ref, dtype=torch_dtype, device=device)
+
+
+def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path:
+    """The final full model as a BFL single file in `output.dtype` (fp8 with `output.scaling`)."""
+    from dev2pro.checkpoint import save_transformer
+
+    fp8 = output.dtype.startswith("fp8")
+    save_transformer(model, path, format="bfl", dtype=OUTPUT_DTYPES[output.dtype],
+                     scaling=output.scaling if fp8 else None)
+    return path
+
+
+def full_model(accelerator, model) -> torch.nn.Module | None:
+    """A plain CPU copy-free view of the trained model for export: the unwrapped module for one process or DDP;
+    under FSDP2 the full weights are gathered into a fresh CPU module on the main process (None elsewhere).
+    Collective: call on every rank."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrap(model) if accelerator.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dev2pro.models import FluxSpec, build_transformer
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    plain = build_transformer(FluxSpec.from_diffusers_config(dict(unwrap(model).config)), device="meta")
+    plain.load_state_dict(sd, assign=True)
+    return plain
+
+
+def global_draw(accelerator, per_rank: int) -> tuple[int, slice]:
+    """(global batch size, this rank's slice) for tensors drawn once for the whole global batch."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return per_rank * world, slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer and LR schedule
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Multiplier of `train.lr` at optimizer step `step` (0-based): linear warmup over `warmup_steps`, then constant
+    or cosine down to `min_lr_ratio` at `steps`."""
+    if train.warmup_steps > 0 and step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return 1.0
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: no parameter requires a gradient")
+    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                             weight_decay=train.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, train: TrainConfig) -> float:
+    lr = train.lr * lr_factor(step, train)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def grad_norm_and_clip(accelerator, model, max_norm: float) -> float:
+    """Total gradient norm before clipping (equal on all ranks; FSDP2 shards are reduced); clip if max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+class NonFiniteLoss(UserError):
+    """The loss or the gradient norm became NaN/inf."""
+
+
+def check_finite(value: float, what: str, step: int, out_dir: Path | None) -> None:
+    if math.isfinite(value):
+        return
+    last = latest_checkpoint(out_dir) if out_dir is not None else None
+    where = f"; last good checkpoint: {last}" if last else "; no checkpoint was written yet"
+    raise NonFiniteLoss(f"{what} became {value} at step {step} (lower train.lr, raise train.warmup_steps or use "
+                        f"train.mixed_precision = 'no'){where}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The flow-matching batch
+
+
+def unwrap(model):
+    """The module under DDP (`.module`); FSDP2 and plain modules are returned as they are."""
+    return getattr(model, "module", model)
+
+
+def forward_flux(model, has_guidance: bool, x, t, txt, pooled, img_ids, txt_ids, guidance=None):
+    """`models.predict` for wrapped models (DDP hides `.config`): velocity for packed tokens `x` at times `t`."""
+    g = None
+    if has_guidance:
+        if guidance is None:
+            raise ValueError("this model has a guidance embedding: pass a guidance value")
+        g = guidance.to(x.device, torch.float32) if torch.is_tensor(guidance) and guidance.ndim == 1 else (
+            torch.full((x.shape[0],), float(guidance), device=x.device, dtype=torch.float32))
+    return model(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t,
+                 img_ids=img_ids, txt_ids=txt_ids, guidance=g, return_dict=False)[0]
+
+
+@dataclass
+class FlowBatch:
+    """One rank's slice of a training batch, ready for the transformer: packed `x_t`, times `t`, target `v`."""
+
+    x0: torch.Tensor  # packed clean latents (b, n, 64)
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    txt: torch.Tensor
+    pooled: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+
+
+def sample_t(train: TrainConfig, n: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    return flow.sample_timesteps(n, train.timestep_sampling, mean=train.logit_mean, scale=train.logit_scale,
+                                 shift=train.shift, seq_len=seq_len, generator=generator).float()
+
+
+def flow_batch(latents: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor, train: TrainConfig,
+               generator: torch.Generator, accelerator, device, dtype=torch.float32) -> FlowBatch:
+    """Pack latents (b, c, h, w), draw noise and times for the global batch from `generator` and keep this rank's
+    slice, build x_t and v = eps - x0 (flow.py's convention)."""
+    from dev2pro.models import image_ids, pack_latents, text_ids
+
+    b, _, h, w = latents.shape
+    x0 = pack_latents(latents.float())
+    n_global, mine = global_draw(accelerator, b)
+    noise = torch.randn((n_global, *x0.shape[1:]), generator=generator)[mine]
+    t = sample_t(train, n_global, x0.shape[1], generator)[mine]
+    x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+    return FlowBatch(
+        x0=x0, noise=noise, x_t=flow.interpolate(x0, noise, t).to(dtype), t=t,
+        target=flow.velocity_target(x0, noise), txt=txt.to(device, dtype), pooled=pooled.to(device, dtype),
+        img_ids=image_ids(h, w, device=device), txt_ids=text_ids(txt.shape[1], device=device),
+    )
+
+
+def bucket_losses(per_sample: torch.Tensor, t: torch.Tensor, n_buckets: int = 4) -> dict[str, float]:
+    """Mean loss per t-bucket (`loss/t0` = t in [0, 0.25), ...), only buckets present in the batch."""
+    idx = flow.t_bucket(t.detach().float(), n_buckets)
+    out = {}
+    for k in range(n_buckets):
+        sel = idx == k
+        if bool(sel.any()):
+            out[f"loss/t{k}"] = float(per_sample.detach()[sel].float().mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class InMemoryDataset:
+    """Cached items held in memory (dicts with `latents` (c, h, w), `txt` (L, D), `pooled` (P,)): what tests and the
+    toy world train on without writing a cache folder. Same interface as `dev2pro.cache.CachedDataset`."""
+
+    def __init__(self, latents: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor, captions=None):
+        if not (latents.shape[0] == txt.shape[0] == pooled.shape[0]):
+            raise ValueError(f"item counts differ: latents {latents.shape[0]}, txt {txt.shape[0]}, "
+                             f"pooled {pooled.shape[0]}")
+        self.latents, self.txt, self.pooled = latents.float(), txt.float(), pooled.float()
+        self.captions = list(captions) if captions is not None else [""] * latents.shape[0]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latents": self.latents[i], "txt": self.txt[i], "pooled": self.pooled[i], "caption": self.captions[i],
+                "key": str(i)}
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [tuple(self.latents.shape[-2:])] * len(self)
+
+
+@dataclass
+class TrainData:
+    """What a recipe trains on: a dataset of cached items (dicts with `latents` (c, h, w), `txt` (L, D), `pooled`
+    (P,)), the prompt embeddings encoded once before the encoders were freed (`prompts[text] = (txt (L, D), pooled
+    (P,))`; must hold the empty prompt ""), optionally the autoencoder (to decode samples). `bind` makes the
+    rank-aware bucket batch sampler once the process layout is known."""
+
+    dataset: Any
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    autoencoder: Any = None  # kept only when samples are decoded during training
+    info: dict[str, Any] = field(default_factory=dict)
+    shuffle: bool = True
+    sampler: Any = None
+    collate: Any = None
+
+    def bind(self, accelerator, batch_size: int, seed: int) -> TrainData:
+        from dev2pro.cache import BucketBatchSampler, collate
+
+        if "" not in self.prompts:
+            raise ValueError("TrainData.prompts must hold the empty prompt '' (the unconditional embedding)")
+        self.sampler = BucketBatchSampler(self.dataset, batch_size=batch_size, seed=seed,
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                          shuffle=self.shuffle)
+        self.collate = self.collate or collate
+        self.info.setdefault("dataset_size", len(self.dataset))
+        return self
+
+
+def encode_prompts(text_encoder, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Embeddings of `prompts` plus the empty prompt, as `TrainData.prompts` wants them."""
+    want = list(dict.fromkeys(["", *prompts]))
+    with torch.no_grad():
+        txt, pooled = text_encoder.encode(want)
+    return {p: (txt[i].float().cpu(), pooled[i].float().cpu()) for i, p in enumerate(want)}
+
+
+def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latents (b, c, h, w), txt (b, L, D), pooled (b, P)) of a batch collated by `dev2pro.cache.collate`."""
+    try:
+        return batch["latents"], batch["txt"], batch["pooled"]
+    except KeyError as e:
+        raise KeyError(f"a collated batch needs 'latents', 'txt' and 'pooled'; it has {sorted(batch)}") from e
+
+
+def infinite_batches(data: TrainData, steps_done_hint: int = 0) -> Iterator[dict]:
+    """Collated batches forever, epoch after epoch. The sampler owns the order and position (its state_dict is
+    saved in checkpoints); starting a new epoch is its job when iterated again."""
+    while True:
+        empty = True
+        for indices in data.sampler:
+            empty = False
+            yield data.collate([data.dataset[i] for i in indices])
+        if empty:
+            raise UserError("the dataset yields no batch (fewer items than train.batch_size x processes?)")
+
+
+def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list[str],
+                    keep_autoencoder: bool = False) -> TrainData:
+    """Scan `data.dir`, build or reuse the latent/text caches with the encoders of `[model]` (main process first, the
+    others then find everything cached), encode `prompts` plus the empty prompt once and free the encoders. Training
+    never holds the text encoders; with `keep_autoencoder` (sample images during training) the autoencoder is kept
+    on the CPU in float32 for decoding (the real Flux VAE decodes a 512px image in a few seconds there; the toy one
+    is free). Call `.bind(...)` on the result for the batch sampler."""
+    from dev2pro import cache as cache_mod
+    from dev2pro import components
+    from dev2pro.data import scan_dataset
+
+    device = accelerator.device
+    enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with accelerator.main_process_first():
+        autoencoder = components.load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
+        index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
+        text_encoder = components.load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+        dataset = cache_mod.prepare_cache(index, autoencoder, text_encoder, device=device, dtype=enc_dtype,
+                                          progress=accelerator.is_main_process)
+    embeddings = encode_prompts(text_encoder, prompts)
+    components.free(text_encoder)
+    if keep_autoencoder:
+        if hasattr(autoencoder, "vae"):
+            autoencoder.vae.to("cpu", torch.float32)
+    else:
+        components.free(autoencoder)
+        autoencoder = None
+    return TrainData(dataset=dataset, prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle,
+                     info={"dataset_size": len(dataset), "images": len(index.items),
+                           "resolution": data_cfg.resolution})
+
+
+def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, accelerator, train: TrainConfig,
+                   sample: SampleConfig) -> TrainData:
+    """The injected `data`, or the `[data]` folder cached with `[model]`'s encoders; bound to this process layout."""
+    if data is None:
+        if data_cfg is None:
+            raise ConfigError("missing [data] table (data.dir = folder of images with .txt captions)")
+        prompts = [*sample.prompts, sample.negative] if sample.every > 0 else []
+        data = load_train_data(data_cfg, model_cfg, accelerator, prompts, keep_autoencoder=sample.every > 0)
+    return data.bind(accelerator, train.batch_size, train.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folder, logs
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create `output.dir` and check it is writable: one line at start instead of a crash at the first save."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output.dir '{out}' is not writable ({e.strerror or e}); choose another output.dir") from None
+    return out
+
+
+class RunLog:
+    """Scalars to TensorBoard (`<dir>/tb`) and to a CSV (`<dir>/<name>.csv`), main process only. On resume, rows
+    after the resumed step are dropped so the CSV is one consistent history."""
+
+    def __init__(self, out_dir: Path, enabled: bool, name: str = "log", resume_step: int | None = None,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = out_dir / f"{name}.csv"
+        self.writer = None
+        self._rows: list[dict] = []
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                self._rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
+        else:
+            self._rows = []
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step)
+            except ImportError:  # tensorboard is a dependency; keep training if an install lacks it
+                self.writer = None
+        self._write()
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        self._rows.append({"step": step, **scalars})
+        self._write()
+
+    def _write(self) -> None:
+        keys: list[str] = []
+        for r in self._rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys or ["step"])
+            w.writeheader()
+            w.writerows(self._rows)
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: folders `checkpoint-<step>` written atomically, full (unsharded) state, safetensors + JSON.
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path | None) -> Path | None:
+    found = list_checkpoints(out_dir) if out_dir is not None else []
+    return found[-1][1] if found else None
+
+
+def _sd_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **kw)
+
+
+def gather_train_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full trainable weights and optimizer state keyed by parameter name (collective under FSDP2: call on every
+    rank; rank 0 receives the tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=_sd_options())
+    return msd, osd
+
+
+def _flatten_optim(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for name, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{name}::{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}::{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd.get("param_groups", [])]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
+    for key, v in tensors.items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state(generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], dict]:
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if generator is not None:
+        tensors["generator"] = generator.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, pstate, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(pstate), gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch.Generator | None) -> None:
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    if generator is not None and "generator" in tensors:
+        generator.set_state(tensors["generator"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if states and len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, pstate, gauss = meta["python"]
+    random.setstate((version, tuple(pstate), gauss))
+
+
+def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, generator: torch.Generator,
+                    sampler=None, config_toml: str = "", extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_state: dict | None = None, keep_last: int = 2) -> Path:
+    """Write `out_dir/checkpoint-<step>` atomically (temp folder, then rename) and delete all but the last
+    `keep_last`. Holds trainable weights, optimizer state, RNG states (torch/numpy/python/generator, per rank),
+    sampler state, step, the resolved config and recipe extras (e.g. EMA weights). Collective: call on every rank.
+    A full disk (OSError) leaves earlier checkpoints intact and raises one line."""
+    from safetensors.torch import save_file
+
+    msd, osd = gather_train_state(model, optimizer)
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-checkpoint-{step}"
+    rank = accelerator.process_index
+    try:
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rng_t, rng_meta = rng_state(generator)
+        save_file(rng_t, str(tmp / f"rng-{rank}.safetensors"))
+        (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "trainable.safetensors"))
+            opt_t, opt_meta = _flatten_optim(osd)
+            save_file(opt_t, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            if extra_tensors:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
+                          str(tmp / "extra.safetensors"))
+            (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict() if sampler is not None else None))
+            (tmp / "config.toml").write_text(config_toml)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {"step": step, "world_size": accelerator.num_processes, "time": time.time(),
+                     **(extra_state or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for _, old in list_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(out_dir)
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); "
+                        f"{'previous ' + prev.name + ' is intact' if prev else 'no earlier checkpoint'}; "
+                        "free disk space and resume with --resume") from None
+    return final
+
+
+@dataclass
+class Resumed:
+    step: int
+    path: Path
+    extra_tensors: dict[str, torch.Tensor]
+    state: dict
+
+
+def load_checkpoint(path: Path, accelerator, model, optimizer, *, generator: torch.Generator,
+                    sampler=None) -> Resumed:
+    """Restore what `save_checkpoint` wrote into a freshly set-up model/optimizer (any number of processes). RNG
+    states are restored for this rank when the checkpoint has them; a rank that did not exist when it was written
+    gets rank 0's generator state (the objective's draws are global, see the module docstring)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = json.loads((path / STATE_FILE).read_text())
+    msd = load_file(str(path / "trainable.safetensors"))
+    osd = _unflatten_optim(load_file(str(path / "optimizer.safetensors")),
+                           json.loads((path / "optimizer.json").read_text()))
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_sd_options(strict=False))
+    rank = accelerator.process_index
+    rank_file = path / f"rng-{rank}.safetensors"
+    if not rank_file.exists():
+        rank, rank_file = 0, path / "rng-0.safetensors"
+    set_rng_state(load_file(str(rank_file)), json.loads((path / f"rng-{rank}.json").read_text()), generator)
+    if sampler is not None:
+        sampler_state = json.loads((path / "sampler.json").read_text())
+        if sampler_state is not None:
+            sampler.load_state_dict(sampler_state)
+    extra = path / "extra.safetensors"
+    return Resumed(step=int(state["step"]), path=path, state=state,
+                   extra_tensors=load_file(str(extra)) if extra.exists() else {})
+
+
+def find_resume(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (`--resume`), or None for a fresh run; a fresh run into a folder that already
+    holds checkpoints is refused so two runs never interleave."""
+    latest = latest_checkpoint(out_dir)
+    if resume:
+        if latest is None:
+            raise UserError(f"--resume: no complete checkpoint-<step> folder in {out_dir}")
+        return latest
+    if latest is not None:
+        raise UserError(f"{out_dir} already holds {latest.name}; pass --resume to continue it or choose a new "
+                        "output.dir")
+    return None
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written to a temp name then renamed; a full disk raises one line."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space and retry") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EMA
+
+
+class Ema:
+    """EMA of the trainable parameters, kept in fp32 on the parameters' device: `ema <- d ema + (1 - d) p`."""
+
+    def __init__(self, named_params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params.items()}
+
+    @torch.no_grad()
+    def update(self, named_params: dict[str, torch.Tensor]) -> None:
+        for n, p in named_params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"ema::{n}": v for n, v in self.shadow.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n in self.shadow:
+            self.shadow[n].copy_(tensors[f"ema::{n}"])
