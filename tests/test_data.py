@@ -6,12 +6,14 @@ import io
 import random
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dev2pro.config import load_config
 from dev2pro.data import (
     DataConfig,
     DataItem,
@@ -23,7 +25,7 @@ from dev2pro.data import (
     scan_dataset,
     to_rgb,
 )
-from dev2pro.errors import DataError
+from dev2pro.errors import ConfigError, DataError
 
 STEP = 8
 RES = 32  # buckets: sides 16..64 in steps of 8, area <= 1024
@@ -218,8 +220,24 @@ def test_folder_errors(tmp_path):
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(DataError):
         scan_dataset(cfg_for(tmp_path / "file.png"), STEP)
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError, match="data.repeats = 0"):
         cfg_for(tmp_path, repeats=0).validate()
+
+
+def test_data_table_loads_strictly(tmp_path):
+    @dataclass(frozen=True)
+    class Recipe:
+        data: DataConfig
+
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\ndir = "imgs"\ncrop = "random"\nrepeats = 3\n')
+    cfg = load_config(Recipe, path, ["data.trigger=zxq"]).data
+    assert (cfg.dir, cfg.crop, cfg.repeats, cfg.trigger, cfg.resolution) == ("imgs", "random", 3, "zxq", 512)
+    assert cfg.resolved_cache_dir() == Path("imgs") / ".dev2pro_cache" and cfg.num_variants() == 4
+    for bad, msg in [("data.crop=middle", "data.crop"), ("data.repeat=2", "did you mean 'repeats'"),
+                     ("data.resolution=-4", "data.resolution"), ("data.flip=3", "data.flip")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(Recipe, path, [bad])
 
 
 def test_trigger_default_caption_and_repeats(tmp_path):

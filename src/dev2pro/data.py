@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dev2pro.errors import DataError
+from dev2pro.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +73,26 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.dir:
-            raise DataError("data.dir is empty: set it to the folder of images and captions")
+            raise ConfigError("data.dir is empty: set it to the folder of images and captions")
         if self.resolution < 8:
-            raise DataError(f"data.resolution = {self.resolution}: must be at least 8 (pixels per side)")
+            raise ConfigError(f"data.resolution = {self.resolution}: must be at least 8 (pixels per side)")
         if self.bucket_step < 0:
-            raise DataError(f"data.bucket_step = {self.bucket_step}: must be >= 0 (0 = from the autoencoder)")
+            raise ConfigError(f"data.bucket_step = {self.bucket_step}: must be >= 0 (0 = from the autoencoder)")
         if self.min_bucket_side < 0 or self.max_bucket_side < 0:
-            raise DataError("data.min_bucket_side / data.max_bucket_side must be >= 0 (0 = derived from resolution)")
+            raise ConfigError("data.min_bucket_side / data.max_bucket_side must be >= 0 (0 = derived from resolution)")
         if self.max_bucket_side and self.min_bucket_side > self.max_bucket_side:
-            raise DataError(
+            raise ConfigError(
                 f"data.min_bucket_side = {self.min_bucket_side} is larger than data.max_bucket_side = "
                 f"{self.max_bucket_side}"
             )
         if self.repeats < 1:
-            raise DataError(f"data.repeats = {self.repeats}: must be >= 1")
+            raise ConfigError(f"data.repeats = {self.repeats}: must be >= 1")
         if self.random_crops < 1:
-            raise DataError(f"data.random_crops = {self.random_crops}: must be >= 1")
+            raise ConfigError(f"data.random_crops = {self.random_crops}: must be >= 1")
         if self.num_workers < 0:
-            raise DataError(f"data.num_workers = {self.num_workers}: must be >= 0")
+            raise ConfigError(f"data.num_workers = {self.num_workers}: must be >= 0")
         if not self.caption_ext.startswith(".") or self.caption_ext.lower() in IMAGE_EXTS:
-            raise DataError(f"data.caption_ext = {self.caption_ext!r}: must be a file extension such as '.txt'")
+            raise ConfigError(f"data.caption_ext = {self.caption_ext!r}: must be a file extension such as '.txt'")
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.dir) / ".dev2pro_cache"
