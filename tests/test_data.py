@@ -247,6 +247,9 @@ def test_trigger_default_caption_and_repeats(tmp_path):
     (tmp_path / "plain" / "0.txt").write_text("a photo of [trigger] at night")
     (tmp_path / "plain" / "1.txt").write_text("a red car")
     index = scan_dataset(cfg_for(tmp_path, trigger="zxq", default_caption="[trigger] style", repeats=2), STEP)
+    threaded = scan_dataset(cfg_for(tmp_path, trigger="zxq", default_caption="[trigger] style", repeats=2,
+                                    num_workers=2), STEP)
+    assert threaded.items == index.items  # same items, same order
     got = {str(it.path.relative_to(tmp_path)): (it.caption, it.repeats) for it in index.items}
     assert got["plain/0.png"] == ("a photo of zxq at night", 2)
     assert got["plain/1.png"] == ("zxq, a red car", 2)

@@ -32,6 +32,7 @@ import random
 import re
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 from dev2pro.errors import ConfigError, DataError
 
@@ -382,13 +384,23 @@ def _inspect(path: Path) -> tuple[str, tuple[int, int], str, bool]:
     return hashlib.sha256(data).hexdigest(), img.size, mode, rotated
 
 
+def _inspect_or_reason(path: Path) -> tuple[str, tuple[int, int], str, bool] | str:
+    try:
+        return _inspect(path)
+    except ValueError as e:
+        return str(e)
+    except OSError as e:  # permission denied, vanished file
+        return f"cannot read: {e.strerror or e}"
+
+
 FLUX_BUCKET_STEP = 16  # 2 x the Flux autoencoder's downsample of 8: latents are packed in 2x2 patches
 
 
-def scan_dataset(cfg: DataConfig, bucket_step: int | None = None) -> DatasetIndex:
+def scan_dataset(cfg: DataConfig, bucket_step: int | None = None, progress: bool = False) -> DatasetIndex:
     """Index `cfg.dir`; raises DataError (one line) for a missing, empty or unusable folder.
 
     `bucket_step` is 2 x the autoencoder's downsample (`data.bucket_step` overrides it; Flux's 16 when neither is set).
+    Every image is decoded here (truncated files show now, not mid-training), in `data.num_workers` threads.
     """
     cfg.validate()
     step = cfg.bucket_step or bucket_step or FLUX_BUCKET_STEP
@@ -421,20 +433,20 @@ def scan_dataset(cfg: DataConfig, bucket_step: int | None = None) -> DatasetInde
     buckets = make_buckets(cfg.resolution, step, lo, hi)
     items = []
     seen: dict[Path, Path] = {}
-    for path in images:
+    pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None
+    inspected = pool.map(_inspect_or_reason, images) if pool else map(_inspect_or_reason, images)
+    for path, result in tqdm(
+        zip(images, inspected), total=len(images), desc="scanning", unit="img", disable=not progress, leave=False
+    ):
         rel = str(path.relative_to(root))
         stem = path.with_suffix("")
         if stem in seen:  # photo.jpg and photo.png would share photo.txt
             report.skip(f"same name as {seen[stem].name}", rel)
             continue
-        try:
-            digest, size, mode, rotated = _inspect(path)
-        except ValueError as e:
-            report.skip(str(e), rel)
+        if isinstance(result, str):
+            report.skip(result, rel)
             continue
-        except OSError as e:  # permission denied, vanished file
-            report.skip(f"cannot read: {e.strerror or e}", rel)
-            continue
+        digest, size, mode, rotated = result
         bucket = choose_bucket(
             size, buckets, resolution=cfg.resolution, step=step, min_side=lo, max_side=hi, upscale=cfg.upscale
         )
@@ -459,6 +471,8 @@ def scan_dataset(cfg: DataConfig, bucket_step: int | None = None) -> DatasetInde
         items.append(DataItem(path, apply_trigger(caption, cfg.trigger), size, bucket, repeats, digest))
         report.buckets[bucket] += 1
         report.items += repeats
+    if pool:
+        pool.shutdown()
     if not items:
         reasons = ", ".join(f"{len(v)} {k}" for k, v in report.skipped.items())
         raise DataError(f"{root}: none of the {len(images)} images is usable ({reasons})")

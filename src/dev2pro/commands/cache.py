@@ -59,7 +59,7 @@ def main(args) -> int:
     )
     cfg.validate()
     ae = components.load_autoencoder(args.ae, device=device, dtype=dtype)
-    index = scan_dataset(cfg, 2 * ae.downsample)
+    index = scan_dataset(cfg, 2 * ae.downsample, progress=not args.quiet)
     print(index.report.summary())
     text = components.load_text_encoder(args.t5, args.clip, device=device, dtype=dtype, max_length=args.max_length)
     info = write_shards(
