@@ -205,6 +205,13 @@ def test_resume_mid_epoch_gives_identical_remaining_sequence():
         assert take(b.iterate(), len(full) - k) == full[k:]
         c = BucketBatchSampler(DATA, batch_size=2, seed=11, rank=1, world_size=2)
         assert take(c.iterate(k), len(full) - k) == full[k:]
+    # epoch-by-epoch consumers (`for batch in sampler`) resumed right after an epoch's last batch get a full epoch
+    a = BucketBatchSampler(DATA, batch_size=2, seed=11, rank=1, world_size=2)
+    assert take(iter(a), len(a)) == full[: len(a)]
+    assert a.state_dict()["epoch"] == 1 and a.state_dict()["position"] == 0
+    b = BucketBatchSampler(DATA, batch_size=2, seed=11, rank=1, world_size=2)
+    b.load_state_dict({"epoch": 0, "position": len(b), "seed": 11, "global_batch": 4})
+    assert list(b) == full[len(a) : 2 * len(a)]
     # a 2-rank state resumes in 1 rank with the same global batch: same items per step
     two = BucketBatchSampler(DATA, batch_size=2, seed=11, rank=0, world_size=2)
     take(two.iterate(0), 4)

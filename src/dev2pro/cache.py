@@ -363,8 +363,14 @@ class BucketBatchSampler:
             yield from self
 
     def state_dict(self) -> dict:
-        """Position of the next batch, in global steps: valid for any world size with the same global batch."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch}
+        """Position of the next batch, in global steps: valid for any world size with the same global batch.
+
+        It counts the batches handed out; a consumer that pulls ahead (a DataLoader with workers prefetches) must
+        save its own step count and resume with `iterate(step)` instead."""
+        epoch, position = self.epoch, self.position
+        if position >= self.steps_per_epoch:  # the last batch of an epoch was handed out: next is the next epoch's
+            epoch, position = epoch + 1, 0
+        return {"epoch": epoch, "position": position, "seed": self.seed, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         same = state.get("global_batch", self.global_batch) == self.global_batch
@@ -374,3 +380,5 @@ class BucketBatchSampler:
                 f"this run has seed {self.seed} and global batch {self.global_batch}: resume with the same settings"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position >= self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0

@@ -234,7 +234,8 @@ class ShardStream:
             self.epoch, self.shard_pos = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """Position of the next batch of this rank."""
+        """Position of the next batch of this rank (counting batches handed out: iterate it directly, not through a
+        prefetching DataLoader, when the state is saved for resume)."""
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "batch_pos": self.batch_pos, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
 
