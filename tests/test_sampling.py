@@ -1,7 +1,5 @@
 """The Euler sampler: closed-form velocity fields, CFG algebra, and diffusers' FluxPipeline loop as the oracle."""
 
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -223,19 +221,22 @@ def test_parse_lora_arg():
     assert S.parse_lora_arg(r"C:\loras\x.safetensors:-1") == (r"C:\loras\x.safetensors", -1.0)
 
 
-def test_apply_loras_wires_loader_and_merge(tmp_path, monkeypatch):
-    calls = []
-    lora_files = types.ModuleType("dev2pro.lora_files")
-    lora_files.load_lora = lambda path: f"lora:{path}"
-    lora = types.ModuleType("dev2pro.lora")
-    lora.merge_lora_into_model = lambda model, l, s: calls.append((model, l, s))
-    monkeypatch.setitem(sys.modules, "dev2pro.lora_files", lora_files)
-    monkeypatch.setitem(sys.modules, "dev2pro.lora", lora)
-    f = tmp_path / "a.safetensors"
-    f.write_bytes(b"")
-    assert S.apply_loras("M", [(str(f), 0.5)]) == "M"
-    assert calls == [("M", f"lora:{f}", 0.5)]
+def test_apply_loras_merges_each_file_at_its_strength(tmp_path):
     from dev2pro.errors import UserError
+    from dev2pro.lora import LoraLayer, LoraWeights
+    from dev2pro.lora_files import save_lora
 
+    g = torch.Generator().manual_seed(0)
+    key = "transformer_blocks.0.attn.to_q"
+    a = LoraLayer(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 1.0)
+    b = LoraLayer(torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 8.0)
+    save_lora(tmp_path / "a.safetensors", LoraWeights(layers={key: a}), format="kohya")
+    save_lora(tmp_path / "b.safetensors", LoraWeights(layers={key: b}), format="diffusers")
+    model = random_transformer(PRESETS["tiny-dev"], seed=0)
+    w0 = model.transformer_blocks[0].attn.to_q.weight.detach().clone()
+    assert S.apply_loras(model, [(str(tmp_path / "a.safetensors"), 0.5), (str(tmp_path / "b.safetensors"), -1.0)]) \
+        is model
+    expected = w0 + 0.5 * (1.0 / 2) * a.up @ a.down - 1.0 * (8.0 / 4) * b.up @ b.down
+    torch.testing.assert_close(model.transformer_blocks[0].attn.to_q.weight.detach(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="not found"):
-        S.apply_loras("M", [(str(tmp_path / "missing.safetensors"), 1.0)])
+        S.apply_loras(model, [(str(tmp_path / "missing.safetensors"), 1.0)])
