@@ -258,6 +258,7 @@ def test_trigger_default_caption_and_repeats(tmp_path):
     assert got["10_x/2_y/0.png"] == ("zxq style", 2)
     assert index.report.items == 2 + 2 + 3 + 3 + 3 + 2
     assert apply_trigger("", "zxq") == "zxq" and apply_trigger("[trigger], a cat", "") == "a cat"
+    assert apply_trigger("a [trigger] cat", "") == "a cat"
 
 
 def test_kohya_bucket_list_512():

@@ -185,7 +185,7 @@ def read_caption(path: Path) -> tuple[str, bool]:
 
 def apply_trigger(caption: str, trigger: str) -> str:
     if not trigger:
-        return caption.replace(TRIGGER_TOKEN, "").strip(" ,")
+        return " ".join(caption.replace(TRIGGER_TOKEN, "").split()).strip(" ,")
     if TRIGGER_TOKEN in caption:
         return caption.replace(TRIGGER_TOKEN, trigger)
     return f"{trigger}, {caption}" if caption else trigger
