@@ -172,6 +172,9 @@ def test_palette_transparency_and_16bit_modes_directly():
     p = solid((4, 4), (0, 255, 0)).convert("P", palette=Image.Palette.ADAPTIVE)
     p.info["transparency"] = p.getpixel((0, 0))
     assert np.asarray(to_rgb(p)).min() == 255  # the only colour is transparent -> white
+    q = Image.new("P", (2, 2))
+    q.putpalette([10, 20, 30, 0] * 256, "RGBA")  # alpha in the palette itself
+    assert np.asarray(to_rgb(q)).min() == 255
     i32 = Image.fromarray(np.full((2, 2), 65535, np.int32), "I")
     assert np.asarray(to_rgb(i32)).min() == 255
     f = Image.fromarray(np.full((2, 2), 100.0, np.float32), "F")

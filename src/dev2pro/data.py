@@ -212,7 +212,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
         arr = np.clip(arr * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+    if mode == "P" and ("transparency" in img.info or (img.palette is not None and img.palette.mode == "RGBA")):
         img, mode = img.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
