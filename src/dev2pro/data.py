@@ -476,7 +476,8 @@ def scan_dataset(cfg: DataConfig, bucket_step: int | None = None, progress: bool
     if not items:
         reasons = ", ".join(f"{len(v)} {k}" for k, v in report.skipped.items())
         raise DataError(f"{root}: none of the {len(images)} images is usable ({reasons})")
-    if report.num_skipped or report.orphan_captions or report.non_utf8_captions:
+    if (report.num_skipped or report.orphan_captions or report.non_utf8_captions or report.default_captions
+            or report.empty_captions):  # worth the user's attention: printed even without logging set up
         log.warning("%s", report.summary())
     else:
         log.info("%s", report.summary())
