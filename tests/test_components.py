@@ -80,6 +80,10 @@ def test_bfl_file_and_diffusers_folder_encode_decode_identically(tiny_vae, ae_fi
         assert lat.dtype == torch.float32 and lat.shape == (2, 16, 16, 16)
         torch.testing.assert_close(lat, expected, rtol=1e-5, atol=1e-5, msg=ref)
         torch.testing.assert_close(ae.decode(z), expected_img, rtol=1e-5, atol=1e-5, msg=ref)
+    lat64 = aes[0].to(dtype=torch.float64).encode(images)  # compute dtype moves, the output stays float32
+    assert lat64.dtype == torch.float32 and aes[0].dtype == torch.float64
+    torch.testing.assert_close(lat64, expected, rtol=1e-5, atol=1e-5)
+    aes[0].to(dtype=torch.float32)
     # the identity depends on weights and scaling, not on the file format
     assert len({ae.identity for ae in aes}) == 1
     other = C.FluxAutoencoder(tiny_vae, scale=1.0, shift=0.0)

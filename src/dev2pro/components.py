@@ -318,6 +318,10 @@ class FluxAutoencoder:
         out = self.vae.decode(z.to(self.device, self.dtype)).sample
         return out.float().clamp(-1.0, 1.0)
 
+    def to(self, device=None, dtype=None) -> FluxAutoencoder:
+        self.vae.to(device=device, dtype=dtype)
+        return self
+
     def release(self) -> None:
         self.vae.to("meta")
 
@@ -364,7 +368,8 @@ class FluxAutoencoder:
                 return cls(vae.to(device), source=ref + (f"/{sub}" if sub else ""))
             except (OSError, ValueError) as e:
                 err = e
-        raise UserError(f"cannot load the autoencoder from '{ref}': {_one_line(err)}")
+        where = "" if Path(ref).exists() else " (no such local path; tried as a hub id)"
+        raise UserError(f"cannot load the autoencoder from '{ref}'{where}: {_one_line(err)}")
 
 
 def load_autoencoder(ref: str, device="cpu", dtype=torch.float32) -> Autoencoder:
@@ -429,7 +434,8 @@ def _load_pair(ref: str, model_cls, model_sub: str, tok_sub: str, kind: str, dty
             except (OSError, ValueError) as e:
                 tok_err = e
         raise UserError(f"cannot load the {kind} tokenizer from '{ref}': {_one_line(tok_err)}")
-    raise UserError(f"cannot load the {kind} model from '{ref}': {_one_line(err)}")
+    where = "" if Path(ref).exists() else " (no such local path; tried as a hub id)"
+    raise UserError(f"cannot load the {kind} model from '{ref}'{where}: {_one_line(err)}")
 
 
 def _tokenizer_fingerprint(tok) -> str:
@@ -462,6 +468,11 @@ class FluxTextEncoders:
                                        return_tensors="pt").input_ids
         pooled = self.clip(clip_ids.to(self.clip.device), output_hidden_states=False).pooler_output
         return txt.float(), pooled.float()
+
+    def to(self, device=None, dtype=None) -> FluxTextEncoders:
+        self.t5.to(device=device, dtype=dtype)
+        self.clip.to(device=device, dtype=dtype)
+        return self
 
     def release(self) -> None:
         self.t5.to("meta")
