@@ -907,9 +907,10 @@ def _export(src: _Source, dst: Path, *, format: str, dtype, scaling: str | None,
                     where[key].write(key, w8)
                 if t.is_floating_point():
                     s = stats.setdefault(tensor_category(key), _ErrStat())
-                    ref = t.float()
-                    s.err2 += float((approx.float() - ref).pow(2).sum())
-                    s.ref2 += float(ref.pow(2).sum())
+                    if approx is not t:  # stored exactly otherwise: no error to measure
+                        ref = t.float()
+                        s.err2 += float(torch.linalg.vector_norm(approx.float() - ref)) ** 2
+                        s.ref2 += float(torch.linalg.vector_norm(ref)) ** 2
                     s.tensors += 1
                     s.params += t.numel()
                     s.dtypes.add(st)
