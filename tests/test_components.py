@@ -199,3 +199,18 @@ def test_toy_refs_delegate_to_toy_world(monkeypatch):
     assert C.load_autoencoder("toy") == "toy-ae"
     assert C.load_text_encoder("toy", "toy") == "toy-text"
     assert C.load_text_encoder("toy") == "toy-text"
+
+
+def test_real_flux_ae_layout_on_meta():
+    """The full-size Flux AE built on `meta` (nothing allocated) maps to BFL's ae.safetensors layout: 244 tensors,
+    83,819,683 parameters (335 MB in fp32, the size of the shipped file), and the config is inferred back exactly."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**C.FLUX_AE_CONFIG)
+    bfl = C.diffusers_to_bfl_ae(vae.state_dict(), num_up=4)
+    assert len(bfl) == 244 and sum(t.numel() for t in bfl.values()) == 83_819_683
+    assert tuple(bfl["decoder.up.0.block.0.nin_shortcut.weight"].shape) == (128, 256, 1, 1)
+    assert tuple(bfl["decoder.conv_in.weight"].shape) == (512, 16, 3, 3)
+    assert "decoder.up.0.upsample.conv.weight" not in bfl and "decoder.up.3.upsample.conv.weight" in bfl
+    assert C.ae_config_from_bfl(bfl) == C.FLUX_AE_CONFIG
