@@ -14,6 +14,16 @@ from dev2pro import compare as C
 from dev2pro.config import from_dict
 from dev2pro.errors import ConfigError, UserError
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is many times faster than two when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # statistics
 
@@ -262,3 +272,68 @@ def test_missing_files_are_one_line_errors(tmp_path):
         C.run_compare(cfg, FakeToolkit(), root=tmp_path / "elsewhere")
     with pytest.raises(UserError, match="checkpoint-<step>"):
         C.find_checkpoints([str(tmp_path / "ref")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real toolkit on tiny random models: sampling, LoRA merge/unmerge, the toy judge's interface
+
+
+def _random_lora(model, seed: int, scale: float = 0.5):
+    from dev2pro.lora import LoraLayer, LoraWeights, resolve_targets
+
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    layers = {}
+    for p in resolve_targets(model, "attention"):
+        lin = mods[p]
+        layers[p] = LoraLayer(torch.randn(2, lin.in_features, generator=g) * scale,
+                              torch.randn(lin.out_features, 2, generator=g) * scale, 2.0)
+    return LoraWeights(layers)
+
+
+def test_compare_with_real_components_on_tiny_models(tmp_path):
+    from dev2pro.checkpoint import load_transformer
+    from dev2pro.lora_files import save_lora
+    from dev2pro.toy import judge as toy_judge
+    from dev2pro.toy.world import write_dataset
+
+    ref = load_transformer("preset:tiny-dev")
+    for name, seed in (("a", 1), ("b", 2)):
+        save_lora(tmp_path / name / f"{name}.safetensors", _random_lora(ref, seed))
+        save_lora(tmp_path / name / "checkpoint-3" / f"{name}.safetensors", _random_lora(ref, seed, 0.1))
+    write_dataset(tmp_path / "ref", 4, seed=5, style=True)
+    cfg = from_dict(C.CompareConfig, {
+        "bases": [{"name": "dev", "ref": "preset:tiny-dev", "guidance": 3.5, "sweep": [1.0]},
+                  {"name": "pro", "ref": "preset:tiny-dev", "mode": "cfg", "guidance": 2.0, "negative": "blurry"}],
+        "loras": [{"name": n, "path": f"{n}/{n}.safetensors", "trained_on": n, "checkpoints": [n]} for n in "ab"],
+        "sampling": {"prompts": ["a red circle, in zxq style", "a blue square"], "seeds": [0, 1], "steps": 2,
+                     "batch_size": 4},
+        "models": {"device": "cpu"},
+        "metrics": {"reference": "ref", "bootstrap": 10},
+        "claim": {"lora": "b", "base": "dev"},
+        "output": {"dir": "out"},
+    })
+    torch.manual_seed(0)
+    judge = C.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
+    res = C.run_compare(cfg, C.FluxToolkit(cfg.models, judge=judge), root=tmp_path)
+    for name in ("report.md", "results.json", "grid.png", "bars.png", "curves.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    # a LoRA changes the images (different features than the base alone), the base is restored afterwards
+    feats = {(r.job.lora, r.job.base): r.features for r in res.results
+             if r.job.step is None and r.job.guidance != 1.0 and r.job.seeds == (0, 1)}
+    assert not np.allclose(feats[("a", "dev")], feats[(None, "dev")])
+    assert not np.allclose(feats[(None, "dev")], feats[(None, "pro")])  # CFG 2 with a negative != embedded 3.5
+    e = res.main["adherence"][("b", "dev")]
+    assert 0.0 <= e.mean <= 1.0 and e.n == 4
+    assert res.verdict is not None and res.verdict["reproduced"] in (True, False)
+
+    # the LoRA context leaves the base as it was: merged (fp32) and as an adapter (bf16)
+    tk = C.FluxToolkit(cfg.models)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = ref.to(dtype)
+        snap = {k: v.clone() for k, v in model.state_dict().items()}
+        with tk.apply_lora(model, tmp_path / "a" / "a.safetensors", 1.0):
+            changed = any(not torch.equal(snap[k], v) for k, v in model.state_dict().items() if k in snap)
+            assert changed == (dtype == torch.float32)  # merged into fp32 weights; bf16 gets an adapter
+        now = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}  # peft wrappers stay
+        assert all(torch.allclose(snap[k].float(), now[k].float(), atol=1e-6) for k in snap)

@@ -226,10 +226,14 @@ class LoraEntry:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    autoencoder: str = "toy"  # dev2pro.components.load_autoencoder reference
-    text_encoder: str = "toy"  # dev2pro.components.load_text_encoder reference
-    device: str = "auto"  # auto = cuda if available, else cpu
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """`[models]`: the encoders shared by every base (paths, pipeline folders or "toy"), where and in which dtype the
+    bases run. fp8 base files stay fp8 (computing in `dtype`)."""
+
+    autoencoder: str = "toy"
+    t5: str = "toy"
+    clip: str = "toy"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda if available, else cpu
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -451,20 +455,22 @@ class FluxToolkit:
     """The project's own components: `checkpoint.load_transformer`, `components.load_autoencoder/load_text_encoder`,
     `sampling.generate`, `lora_files.load_lora`, `lora.merge_lora_into_model`, `toy.judge.Judge`."""
 
-    def __init__(self, models: ModelsSection):
+    def __init__(self, models: ModelsSection, judge: Judge | None = None):
         import torch
 
         self.models = models
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if models.device == "auto" else models.device
-        self.dtype = getattr(torch, models.dtype)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[models.dtype]
         self._encoders = None
+        self._judge = judge
 
     def encoders(self):
         if self._encoders is None:
             from dev2pro.components import load_autoencoder, load_text_encoder
 
-            ae = load_autoencoder(self.models.autoencoder, device=self.device)
-            text = load_text_encoder(self.models.text_encoder, device=self.device)
+            m = self.models
+            ae = load_autoencoder(m.autoencoder, device=self.device, dtype=self.dtype)
+            text = load_text_encoder(m.t5, m.clip, device=self.device, dtype=self.dtype)
             self._encoders = (ae, text)
         return self._encoders
 
@@ -513,7 +519,7 @@ class FluxToolkit:
     def judge(self, metrics: MetricsSection):
         if metrics.judge == "none":
             return None
-        return ToyJudgeAdapter()
+        return self._judge if self._judge is not None else ToyJudgeAdapter()
 
     def release(self, model) -> None:
         del model
@@ -523,12 +529,12 @@ class FluxToolkit:
 
 
 class ToyJudgeAdapter:
-    """`dev2pro.toy.judge` behind the `Judge` interface."""
+    """`dev2pro.toy.judge` behind the `Judge` interface (the shipped judge unless one is given)."""
 
-    def __init__(self):
+    def __init__(self, judge=None):
         from dev2pro.toy.judge import Judge as ToyJudge
 
-        self.judge = ToyJudge.load()
+        self.judge = judge if judge is not None else ToyJudge.load()
 
     def score(self, images, prompts):
         out = self.judge.score(images, list(prompts))
