@@ -32,7 +32,7 @@ Examples:
       --clip ./FLUX.1-dev --prompts-file prompts.txt --out samples/dev2pro
   # the toy world, on a CPU, in seconds
   dev2pro sample --base toy:dev "a red circle on a black background" --seed 0 1 2 3
-  dev2pro sample --base toy:dev2pro --cfg 3.0 --negative "" "a small blue square on a white background"
+  dev2pro sample --base toy:pro --cfg 3.0 "a small blue square on a white background"   # the toy teacher, CFG
 """
 
 TOY_PREFIXES = ("toy:", "preset:tiny")
