@@ -384,28 +384,30 @@ def _add_delta(linears: dict[str, nn.Linear], lora: LoraWeights, strength: float
             set_linear_weight(lin, w + layer.delta(strength, device=w.device))
 
 
-def merge_lora_into_model(model: nn.Module, lora: LoraWeights, strength: float = 1.0) -> None:
+def merge_lora_into_model(model: nn.Module, lora: LoraWeights, strength: float = 1.0, what: str = "LoRA") -> None:
     """`W += strength * alpha / r * B @ A` for every LoRA layer (computed in fp32, stored in the base dtype).
 
-    Works on peft-wrapped models too (the base layer is updated; trainable adapters are left alone)."""
-    _add_delta(check_lora_fits(model, lora), lora, strength)
+    Works on peft-wrapped models too (the base layer is updated; trainable adapters are left alone). `what` names
+    the LoRA (e.g. its file) in error messages."""
+    _add_delta(check_lora_fits(model, lora, what), lora, strength)
 
 
-def unmerge_lora_from_model(model: nn.Module, lora: LoraWeights, strength: float = 1.0) -> None:
+def unmerge_lora_from_model(model: nn.Module, lora: LoraWeights, strength: float = 1.0, what: str = "LoRA") -> None:
     """Inverse of `merge_lora_into_model` (exact only for fp32 bases; bf16/fp8 round each step)."""
-    _add_delta(check_lora_fits(model, lora), lora, -strength)
+    _add_delta(check_lora_fits(model, lora, what), lora, -strength)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Unmerged application (sampling with LoRAs at a strength)
 
 
-def apply_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0, adapter_name: str = "lora") -> None:
+def apply_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0, adapter_name: str = "lora",
+               what: str = "LoRA") -> None:
     """Attach `lora` as a frozen peft adapter (per-layer ranks and alphas kept) at `strength`; base weights untouched.
 
     Several LoRAs can be applied under different adapter names; their outputs add. Change the strength later with
-    `set_lora_strength`, remove with `remove_lora`."""
-    check_lora_fits(model, lora)
+    `set_lora_strength`, remove with `remove_lora`. `what` names the LoRA (e.g. its file) in error messages."""
+    check_lora_fits(model, lora, what)
     paths = list(lora.layers)
     wrappers = _inject(model, paths, lora.ranks(), lora.alphas(), 0.0, adapter_name)
     with torch.no_grad():

@@ -557,9 +557,12 @@ def describe_lora(path) -> str:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        n_keys = len(list(f.keys()))
-        for k in list(f.keys())[:64]:
+        keys = list(f.keys())
+        for k in keys[:64]:
             tensors_dtypes[str(f.get_slice(k).get_dtype())] += 1
+    n_keys = len(keys)
+    n_file_modules = sum(k.endswith((".lora_down.weight", ".lora_A.weight", ".down.weight")) for k in keys
+                         if k not in lora.passthrough)
     size = Path(path).stat().st_size
     paths = list(lora.layers)
     cats = Counter(layer_category(p) for p in paths)
@@ -567,7 +570,8 @@ def describe_lora(path) -> str:
     lines = [
         f"file: {path} ({size / 2**20:.1f} MiB, {n_keys} tensors, {', '.join(sorted(tensors_dtypes))})",
         f"format: {lora.source_format}",
-        f"modules: {len(paths)} (diffusers naming), {lora.num_params():,} LoRA parameters",
+        f"modules: {len(paths)} (diffusers naming) from {n_file_modules} LoRA modules in the file, "
+        f"{lora.num_params():,} LoRA parameters",
         f"rank: {_summary_counts(lora.ranks().values())}",
         f"alpha: {_summary_counts(lora.alphas().values())}",
         f"scale (alpha/rank): {_summary_counts(scales.elements())}",
