@@ -874,6 +874,7 @@ class CompareResult:
     verdict: dict | None
     files: dict[str, str]
     seconds: float
+    total_seconds: float = 0.0  # set by callers that run more than the comparison (the demo)
 
     def table(self) -> str:
         return main_table(self.config, self.main)
