@@ -337,3 +337,17 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
             assert changed == (dtype == torch.float32)  # merged into fp32 weights; bf16 gets an adapter
         now = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}  # peft wrappers stay
         assert all(torch.allclose(snap[k].float(), now[k].float(), atol=1e-6) for k in snap)
+
+
+def test_example_config_loads_and_cli_reports_bad_keys(tmp_path, capsys):
+    from pathlib import Path
+
+    from dev2pro import cli
+
+    example = Path(__file__).resolve().parent.parent / "configs" / "compare-example.toml"
+    cfg = C.load_compare_config(example)
+    assert [b.mode for b in cfg.bases] == ["embedded", "cfg"] and cfg.claim.base == "dev"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.read_text().replace("grid_seeds = 1", "grid_seed = 1"))
+    assert cli.main(["compare", str(bad)]) == 2
+    assert "grid_seed" in capsys.readouterr().err
