@@ -10,6 +10,8 @@ from PIL import Image
 from dev2pro import cli, sampling
 from dev2pro.lora import LoraLayer, LoraWeights, merge_lora_into_model
 from dev2pro.lora_files import save_lora
+from dev2pro.models import random_transformer
+from test_components import ae_files, text_folders, tiny_vae  # noqa: F401  (module fixtures: tiny real components)
 
 PROMPTS = ["a red circle on a black background", "a small green cross on a white background, top left"]
 
@@ -107,3 +109,31 @@ def test_sample_help_has_examples():
     text = sub.format_help()
     for needle in ("--guidance 3.5", "--cfg 3.5 --negative", "--lora", "--prompts-file", "toy:dev"):
         assert needle in text
+
+
+def test_sample_with_real_component_loaders_and_fp8_base(tmp_path, capsys, ae_files, text_folders):  # noqa: F811
+    """The real-Flux path at tiny size: BFL ae.safetensors, a pipeline folder for T5 + CLIP, an fp8 BFL base."""
+    from dev2pro.checkpoint import load_transformer, save_transformer
+    from dev2pro.components import load_autoencoder, load_text_encoder
+    from dev2pro.models import FluxSpec
+
+    root, _ = text_folders
+    spec = FluxSpec(in_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2, depth=1,
+                    depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=True)
+    base = tmp_path / "base-fp8.safetensors"
+    save_transformer(random_transformer(spec, seed=0, std=0.1), base, format="bfl", dtype="fp8_e4m3fn")
+    out = tmp_path / "out"
+    argv = ["--base", str(base), "--ae", str(ae_files / "ae.safetensors"), "--t5", str(root / "pipe"), "--clip",
+            str(root / "pipe"), "--t5-max-length", "16", "--width", "16", "--height", "8", "--steps", "3",
+            "--cfg", "2", "--negative", "dog", "--guidance", "2", "--out", str(out), "a cat on a mat"]
+    code, cap = _run(argv, capsys)
+    assert code == 0, cap.err
+    ref = sampling.generate(load_transformer(base, dtype=torch.float32), load_autoencoder(ae_files / "ae.safetensors"),
+                            load_text_encoder(root / "pipe", max_length=16), ["a cat on a mat"], negative="dog",
+                            height=8, width=16, steps=3, guidance=2.0, cfg=2.0, progress=False)
+    got = np.asarray(Image.open(out / "p00_s0.png").convert("RGB")).astype(int)
+    assert got.shape == (8, 16, 3)
+    assert np.abs(got - np.asarray(sampling.to_pil(ref)[0]).astype(int)).max() <= 1
+    assert json.loads((out / "settings.json").read_text())["guidance"] == 2.0
+    fp8 = load_transformer(base).transformer_blocks[0].attn.to_q.weight
+    assert fp8.dtype == torch.float8_e4m3fn  # the base really is stored in fp8
