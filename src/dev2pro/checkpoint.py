@@ -1061,10 +1061,12 @@ def fixed_inputs(spec: FluxSpec, seed: int = 0, latent: int = 8, txt_len: int = 
 
 @torch.no_grad()
 def model_output(model, inputs: dict) -> torch.Tensor:
+    """The model's velocity on `fixed_inputs`, with the inputs cast to the model's (input embedder's) dtype."""
     from dev2pro.models import predict
 
-    return predict(model, inputs["x"], inputs["t"], inputs["txt"], inputs["pooled"], inputs["img_ids"],
-                   inputs["txt_ids"], inputs["guidance"])
+    dt = model.x_embedder.weight.dtype
+    return predict(model, inputs["x"].to(dt), inputs["t"], inputs["txt"].to(dt), inputs["pooled"].to(dt),
+                   inputs["img_ids"], inputs["txt_ids"], inputs["guidance"])
 
 
 def model_output_error(ref_a, ref_b, *, seed: int = 0, dtype=torch.float32) -> float:
