@@ -351,3 +351,41 @@ def test_example_config_loads_and_cli_reports_bad_keys(tmp_path, capsys):
     bad.write_text(example.read_text().replace("grid_seeds = 1", "grid_seed = 1"))
     assert cli.main(["compare", str(bad)]) == 2
     assert "grid_seed" in capsys.readouterr().err
+
+
+def test_clip_judge_matches_clip_forward(tmp_path):
+    """adherence = cos(image, text) = CLIPModel's logits_per_image / logit_scale (transformers as the reference)."""
+    import string
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["at</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[("a", "t</w>")], model_max_length=77)
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    model.save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+
+    judge = C.ClipJudge(str(tmp_path / "clip"))
+    images = torch.rand(3, 3, 48, 64) * 2 - 1
+    prompts = ["a cat", "the dog", "zxq style"]
+    sc = judge.score(images, prompts)
+    pix = judge._pixels(images)
+    assert pix.shape == (3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(**tok(prompts, padding=True, return_tensors="pt"), pixel_values=pix)
+    ref = (out.logits_per_image.diagonal() / model.logit_scale.exp()).detach()
+    assert np.allclose(sc["adherence"], ref.numpy(), atol=1e-5)
+    assert np.isnan(sc["style"]).all()
+    judge.set_reference(judge.features(images[:1]))
+    assert judge.score(images[:1], prompts[:1])["style"][0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(UserError, match="CLIP folder"):
+        C.ClipJudge(str(tmp_path / "nope"))

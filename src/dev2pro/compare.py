@@ -267,7 +267,9 @@ class SamplingSection:
 
 @dataclass(frozen=True)
 class MetricsSection:
-    judge: str = "toy"  # "toy" (dev2pro.toy.judge) or "none" (images only, no metrics)
+    # "toy" (dev2pro.toy.judge, the toy world's probe), "clip:FOLDER" (a local transformers CLIPModel folder, for real
+    # images; see ClipJudge) or "none" (images only, no metrics)
+    judge: str = "toy"
     reference: str = ""  # folder of reference images in the style, for the Frechet distance ("" = no FD)
     reference_limit: int = 0  # use at most this many reference images (0 = all)
     bootstrap: int = 200
@@ -275,8 +277,8 @@ class MetricsSection:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.judge not in ("toy", "none"):
-            raise ConfigError(f"metrics.judge: expected \"toy\" or \"none\", got {self.judge!r}")
+        if self.judge not in ("toy", "none") and not (self.judge.startswith("clip:") and len(self.judge) > 5):
+            raise ConfigError(f"metrics.judge: expected \"toy\", \"clip:FOLDER\" or \"none\", got {self.judge!r}")
         if not 0 < self.level < 1:
             raise ConfigError(f"metrics.level: expected a value in (0, 1), got {self.level}")
 
@@ -519,7 +521,11 @@ class FluxToolkit:
     def judge(self, metrics: MetricsSection):
         if metrics.judge == "none":
             return None
-        return self._judge if self._judge is not None else ToyJudgeAdapter()
+        if self._judge is not None:
+            return self._judge
+        if metrics.judge.startswith("clip:"):
+            return ClipJudge(metrics.judge[len("clip:"):], device=self.device)
+        return ToyJudgeAdapter()
 
     def release(self, model) -> None:
         del model
@@ -547,6 +553,88 @@ class ToyJudgeAdapter:
         import torch
 
         from dev2pro.toy.judge import frechet_distance
+
+        return float(frechet_distance(torch.from_numpy(a), torch.from_numpy(b)))
+
+
+class ClipJudge:
+    """CLIP as a judge for real images (`judge = "clip:FOLDER"`, a local transformers `CLIPModel` folder such as
+    openai/clip-vit-large-patch14; safetensors weights only).
+
+    - features: the L2-normalised image embeddings (the Frechet distance on them is "FD_CLIP", Kynkaanniemi et al.
+      2023; diversity is their mean pairwise distance across seeds);
+    - adherence: CLIP score, the cosine between image and prompt embeddings (Hessel et al. 2021, without their 2.5
+      weight and clipping at 0): comparable between cells, not a probability;
+    - style: the cosine between the image embedding and the normalised mean embedding of the reference style images
+      (`metrics.reference`); nan without references.
+    Preprocessing as CLIPImageProcessor: shortest side resized (bicubic) to the model's size, centre crop, CLIP's
+    mean/std. Pitfall: CLIP cosines live in a narrow band (about 0.15-0.40 for image-text), so read differences, not
+    levels, and the "score" product of two cosines only ranks cells."""
+
+    MEAN = (0.48145466, 0.4578275, 0.40821073)
+    STD = (0.26862954, 0.26130258, 0.27577711)
+
+    def __init__(self, folder: str, device="cpu"):
+        import torch
+        from transformers import CLIPModel, CLIPTokenizer
+
+        if not Path(folder).is_dir():
+            raise UserError(f"metrics.judge: CLIP folder {folder} does not exist (a local transformers CLIPModel "
+                            "folder, e.g. a download of openai/clip-vit-large-patch14)")
+        self.model = CLIPModel.from_pretrained(folder, use_safetensors=True).eval().to(device)
+        self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+        self.device = device
+        self.size = int(self.model.config.vision_config.image_size)
+        self.reference: torch.Tensor | None = None
+
+    @staticmethod
+    def _unit(x):
+        x = getattr(x, "pooler_output", x)  # transformers >= 5 returns an output object
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def _pixels(self, images):
+        import torch
+        import torch.nn.functional as F
+
+        x = (torch.as_tensor(images).float().clamp(-1, 1) + 1) / 2
+        h, w = x.shape[-2:]
+        k = self.size / min(h, w)
+        x = F.interpolate(x, size=(max(self.size, round(h * k)), max(self.size, round(w * k))), mode="bicubic",
+                          antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top: top + self.size, left: left + self.size].clamp(0, 1)
+        mean = torch.tensor(self.MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    def _image_emb(self, images):
+        import torch
+
+        with torch.no_grad():
+            return self._unit(self.model.get_image_features(pixel_values=self._pixels(images))).float().cpu()
+
+    def features(self, images) -> np.ndarray:
+        return self._image_emb(images).numpy().astype(np.float64)
+
+    def set_reference(self, features: np.ndarray) -> None:
+        import torch
+
+        self.reference = self._unit(torch.from_numpy(features).float().mean(0, keepdim=True))[0]
+
+    def score(self, images, prompts):
+        import torch
+
+        img = self._image_emb(images)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            txt = self._unit(self.model.get_text_features(**tok)).float().cpu()
+        style = img @ self.reference if self.reference is not None else torch.full((len(img),), float("nan"))
+        return {"adherence": (img * txt).sum(-1).numpy().astype(np.float64), "style": style.numpy().astype(np.float64)}
+
+    def frechet(self, a, b):
+        import torch
+
+        from dev2pro.toy.judge import frechet_distance  # the generic formula (it lives with the toy judge)
 
         return float(frechet_distance(torch.from_numpy(a), torch.from_numpy(b)))
 
@@ -1055,6 +1143,8 @@ def run_compare(cfg: CompareConfig, toolkit: Toolkit | None = None, root: str | 
         ref_dir = root / ref_dir if root is not None and not ref_dir.is_absolute() else ref_dir
         ref = read_images(ref_dir, cfg.metrics.reference_limit, (cfg.sampling.height, cfg.sampling.width))
         ref_features = judge.features(ref)
+        if hasattr(judge, "set_reference"):
+            judge.set_reference(ref_features)
     jobs = plan_jobs(cfg, checkpoints)
     results = run_jobs(cfg, jobs, checkpoints, toolkit, judge, root)
     for r in results:
