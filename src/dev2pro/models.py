@@ -134,7 +134,7 @@ def build_transformer(spec: FluxSpec, device: str | torch.device = "meta", dtype
     spec.validate()
     with torch.device(device):
         model = FluxTransformer2DModel(**spec.diffusers_config())
-    if dtype is not None and device != "meta":
+    if dtype is not None and device != "meta" and dtype != torch.float32:
         model = model.to(dtype)
     return model
 
@@ -156,7 +156,8 @@ def random_transformer(spec: FluxSpec, seed: int = 0, std: float = 0.02, dtype: 
     """A materialised, seeded random model (CPU, float32 init then cast)."""
     model = build_transformer(spec, device="cpu")
     init_weights(model, std=std, generator=torch.Generator().manual_seed(seed))
-    return model.to(dtype)
+    # diffusers warns on every `.to(dtype)` of a ModelMixin; only cast when it changes something.
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
