@@ -125,8 +125,13 @@ def _target_filter(targets):
     entries = [targets] if isinstance(targets, str) else list(targets)
     patterns = []
     for e in entries:
-        patterns += list(TARGET_PRESETS.get(e, (e,)))
-    return lambda path: any(re.fullmatch(p, path) for p in patterns)
+        for p in TARGET_PRESETS.get(e, (e,)):
+            try:
+                patterns.append(re.compile(p))
+            except re.error as err:
+                raise UserError(f"target '{e}' is not a preset ({', '.join(TARGET_PRESETS)}, all) nor a valid "
+                                f"regex: {err}") from None
+    return lambda path: any(p.fullmatch(path) for p in patterns)
 
 
 def _unit_selected(module: str, space: str, hidden: int, select) -> bool:
