@@ -345,13 +345,39 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
 # Intermediate checkpoints
 
 _STEP_RE = re.compile(r"checkpoint-(\d+)")
+_STATE_FILES = ("trainable", "optimizer", "rng-", "extra")  # dev2pro.training.save_checkpoint's files
 
 
 def _lora_file_in(folder: Path) -> Path:
-    files = sorted(p for p in folder.glob("*.safetensors") if "optim" not in p.name and "state" not in p.name)
-    if not files:
-        raise UserError(f"{folder}: no LoRA .safetensors file inside this checkpoint folder")
-    return files[0]
+    """The LoRA in a checkpoint folder: a LoRA file if there is one, else the folder itself when it is a train-lora
+    checkpoint (`trainable.safetensors` + `config.toml`, read by `read_lora`)."""
+    files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(_STATE_FILES))
+    if files:
+        return files[0]
+    if (folder / "trainable.safetensors").is_file() and (folder / "config.toml").is_file():
+        return folder
+    raise UserError(f"{folder}: no LoRA .safetensors file (or train-lora trainable.safetensors + config.toml) inside")
+
+
+def read_lora(path: Path):
+    """`LoraWeights` from a LoRA file (any format `lora_files.load_lora` reads) or a train-lora checkpoint folder
+    (its trainable peft state, with `lora.alpha` from the checkpoint's config.toml)."""
+    from dev2pro.lora_files import load_lora
+
+    path = Path(path)
+    if path.is_file():
+        return load_lora(path)
+    import tomllib
+
+    from safetensors.torch import load_file
+
+    from dev2pro.recipes.train_lora import lora_from_state
+
+    cfg = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
+    alpha = cfg.get("lora", {}).get("alpha")
+    if alpha is None:
+        raise UserError(f"{path / 'config.toml'}: no lora.alpha; is this a train-lora checkpoint?")
+    return lora_from_state(load_file(str(path / "trainable.safetensors")), float(alpha))
 
 
 def find_checkpoints(entries: Sequence[str], root: Path | None = None) -> list[tuple[int, Path]]:
@@ -502,9 +528,8 @@ class FluxToolkit:
         import torch
 
         from dev2pro import lora as L
-        from dev2pro.lora_files import load_lora
 
-        lora = load_lora(path)
+        lora = read_lora(path)
         merged = next(model.parameters()).dtype == torch.float32
         if merged:
             L.merge_lora_into_model(model, lora, strength)

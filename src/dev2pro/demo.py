@@ -100,7 +100,7 @@ def run_recipe(name: str, data: dict, config_path: Path) -> Path:
 
 
 def _model_section(base: str) -> dict:
-    return {"base": base, "t5": "toy", "clip": "toy", "autoencoder": "toy", "dtype": "fp32", "compute_dtype": "fp32"}
+    return {"base": base, "t5": "toy", "clip": "toy", "autoencoder": "toy", "dtype": "fp32"}
 
 
 def _train_section(plan: DemoPlan, steps: int, lr: float, guidance: float) -> dict:
