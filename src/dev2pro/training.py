@@ -51,7 +51,8 @@ class ModelConfig:
 
     `base`: anything `dev2pro.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
     `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
-    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file).
+    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file); the compute
+    dtype is decided in one place, `train.mixed_precision`.
     """
 
     base: str
@@ -61,7 +62,6 @@ class ModelConfig:
     adapter: str | None = None
     adapter_strength: float = 1.0
     dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
-    compute_dtype: Literal["fp32", "bf16"] = "bf16"
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,8 @@ class LoraOutputConfig:
 
 
 def _check_output(o) -> None:
+    if not o.dir:
+        raise ConfigError("output.dir is empty: set it to the folder for checkpoints and the result")
     if o.save_every < 0 or o.keep_last < 1:
         raise ConfigError("output.save_every must be >= 0 and output.keep_last >= 1")
     if not re.fullmatch(r"[\w.\-]+", o.name):
@@ -534,6 +536,33 @@ def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, acc
         prompts = [*sample.prompts, sample.negative] if sample.every > 0 else []
         data = load_train_data(data_cfg, model_cfg, accelerator, prompts, keep_autoencoder=sample.every > 0)
     return data.bind(accelerator, train.batch_size, train.seed)
+
+
+def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out_dir: Path, step: int) -> Path | None:
+    """A grid of `sample.prompts` x `sample.seeds` (one row per prompt) from the model as it is now, written to
+    `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
+    encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
+    forward passes; otherwise only the main process samples."""
+    from accelerate.utils import DistributedType
+
+    from dev2pro.sampling import generate, save_grid
+
+    if not sample.prompts:
+        return None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if not (fsdp or accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        return None
+    net = model if fsdp else unwrap(model)
+    with accelerator.autocast():
+        images = generate(net, data.autoencoder, data.prompts, list(sample.prompts), negative=sample.negative,
+                          height=sample.height, width=sample.width, steps=sample.steps, guidance=sample.guidance,
+                          cfg=sample.cfg, seeds=list(sample.seeds), progress=False)
+    path = out_dir / "samples" / f"step-{step:06d}.png"
+    if accelerator.is_main_process:
+        save_grid(images, path, ncols=len(sample.seeds))
+    accelerator.wait_for_everyone()
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
