@@ -221,3 +221,18 @@ def test_unknown_keys_and_shape_mismatch_are_errors():
     inconsistent = LoraWeights(layers={"proj_out": LoraLayer(torch.zeros(2, 32), torch.zeros(48, 3), 2)})
     with pytest.raises(UserError, match="proj_out"):
         merge_lora_into_model(model, inconsistent)
+
+
+def test_adapter_applied_after_the_trainable_lora_stays_frozen_and_active():
+    """train-lora's order: trainable LoRA first, then the de-distill adapter unmerged; strength 0 hides it."""
+    model = random_transformer(SPEC)
+    adapter = _random_lora(model, seed=5, std=0.1)
+    add_lora(model, rank=2, alpha=2, targets="attention", seed=0)
+    apply_lora(model, adapter, 1.0, adapter_name="adapter")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 22 and all(".default." in n for n in trainable)
+    merged = random_transformer(SPEC)
+    merge_lora_into_model(merged, adapter)
+    torch.testing.assert_close(_out(model), _out(merged), rtol=1e-4, atol=1e-5)
+    set_lora_strength(model, 0.0, "adapter")
+    torch.testing.assert_close(_out(model), _out(random_transformer(SPEC)), rtol=1e-5, atol=1e-6)
