@@ -150,3 +150,43 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
     for w in before:
         assert after[w] < 0.7 * before[w], (before, after)
     assert all(not p.requires_grad for p in teacher.parameters())  # the teacher stayed frozen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dedistill
+
+
+def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch):
+    from dev2pro.checkpoint import load_transformer
+    from dev2pro.recipes import dedistill
+
+    seen = []
+    real = T.forward_flux
+
+    def spy(model, has_guidance, x, t, txt, pooled, img_ids, txt_ids, guidance=None):
+        if torch.is_grad_enabled():  # training forwards (the monitor probe runs under no_grad)
+            seen.append(guidance)
+        return real(model, has_guidance, x, t, txt, pooled, img_ids, txt_ids, guidance)
+
+    monkeypatch.setattr(T, "forward_flux", spy)
+    cfg = dedistill.DedistillConfig(
+        model=T.ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(30, lr=3e-3),
+        output=T.OutputConfig(dir=str(tmp_path / "dd"), name="dev2pro", dtype="fp32"),
+        ema=T.EmaConfig(enabled=True, decay=0.5), monitor=T.MonitorConfig(every=10))
+    final = dedistill.run(cfg, data=toy_data(16))
+    assert len(seen) == 30 and all(g == 1.0 for g in seen)
+    losses = [float(r["loss"]) for r in read_log(tmp_path / "dd" / "log.csv")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    mon = read_log(tmp_path / "dd" / "monitor.csv")
+    assert [int(r["step"]) for r in mon] == [0, 10, 20, 30]
+    assert float(mon[0]["drift_g1"]) == 0.0 and float(mon[-1]["drift_g1"]) > 0.0
+    assert has_guidance_embed(load_transformer(final))
+
+
+def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
+    from dev2pro.recipes import dedistill
+
+    cfg = dedistill.DedistillConfig(model=T.ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(2),
+                                    output=T.OutputConfig(dir=str(tmp_path / "x")))
+    with pytest.raises(T.ConfigError, match="no guidance embedding"):
+        dedistill.run(cfg, data=toy_data(8))

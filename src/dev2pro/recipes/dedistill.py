@@ -1,0 +1,134 @@
+"""`dev2pro dedistill`: de-distillation (FLUX.1-dev -> "dev2pro"), a full fine-tune with the guidance input fixed.
+
+    loss = || v_theta(x_t, t, c, g = train.guidance) - (eps - x0) ||^2      (plain flow matching, g = 1.0)
+
+At g = 1 classifier-free guidance is the identity, so the distillation target equals the plain flow target: training
+every weight on it, on a large diverse dataset, walks the model back towards an undistilled one that works with true
+CFG and a negative prompt, and is a stable base for LoRAs (the published Flux-Dev2Pro: ~3M images, 2 epochs).
+
+Options: EMA of the weights (`[ema]`, the EMA is what gets exported), gradient checkpointing, bf16 autocast, DDP or
+FSDP2 across processes (`[distributed]`). Checkpoints hold the weights, AdamW state, RNG and data position (and the
+EMA), so `--resume` continues exactly. The final model is a BFL single file in `output.dtype` (bf16 by default; fp8
+with `output.scaling` through `dev2pro.checkpoint.save_transformer`).
+Pitfall: the guidance embedding only ever sees g = train.guidance here; the guidance monitor (`[monitor]`) shows how
+the response to other g values fades, which is expected for a de-distilled model used with CFG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dev2pro import flow
+from dev2pro import training as T
+from dev2pro.config import dump_toml
+from dev2pro.data import DataConfig
+from dev2pro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DedistillConfig:
+    model: T.ModelConfig
+    train: T.TrainConfig
+    output: T.OutputConfig
+    data: DataConfig | None = None
+    ema: T.EmaConfig = field(default_factory=T.EmaConfig)
+    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
+    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
+    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+
+
+def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+    from dev2pro import monitor as M
+    from dev2pro.models import has_guidance_embed
+
+    # ---- setup
+    acc = T.setup_accelerator(cfg.train, cfg.distributed)
+    out = T.prepare_output_dir(cfg.output.dir)
+    resume_from = T.find_resume(out, resume)
+    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    torch.manual_seed(cfg.train.seed)
+    model = T.load_model(cfg.model.base, "fp32", acc.device)
+    has_g = has_guidance_embed(model)
+    if not has_g:
+        raise ConfigError(f"model.base '{cfg.model.base}' has no guidance embedding: de-distillation starts from a "
+                          "guidance-distilled model such as FLUX.1-dev (use train-base to continue other models)")
+    model.requires_grad_(True).train()
+    if cfg.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
+    opt = T.make_optimizer(model.parameters(), cfg.train)
+    model, opt = acc.prepare(model, opt)
+    ema = T.Ema(dict(T.unwrap(model).named_parameters()), cfg.ema.decay) if cfg.ema.enabled else None
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    start = 0
+    if resume_from is not None:
+        resumed = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler)
+        start = resumed.step
+        if ema is not None:
+            ema.load(resumed.extra_tensors)
+    batches = T.infinite_batches(data)
+    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
+    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
+                       tensorboard=False) if probe else None
+    config_toml = dump_toml(cfg)
+    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "dedistill")
+
+    def checkpoint(step: int) -> None:
+        T.save_checkpoint(out, step, acc, model, opt, generator=gen, sampler=data.sampler, config_toml=config_toml,
+                          extra_tensors=ema.state() if ema is not None else None, keep_last=cfg.output.keep_last)
+
+    # ---- loop
+    for step in range(start, cfg.train.steps):
+        if probe is not None and step % cfg.monitor.every == 0:
+            M.log_probe(probe, acc, model, step, log, mon_log)
+        lr = T.set_lr(opt, step, cfg.train)
+        per_all, t_all = [], []
+        for micro in range(cfg.train.grad_accum):
+            latents, txt, pooled = T.batch_tensors(next(batches))
+            fb = T.flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
+            with T.accumulation_context(acc, model, micro == cfg.train.grad_accum - 1), acc.autocast():
+                pred = T.forward_flux(model, True, fb.x_t, fb.t, fb.txt, fb.pooled, fb.img_ids, fb.txt_ids,
+                                      cfg.train.guidance)
+                per = flow.flow_loss(pred, fb.target, flow.loss_weight(fb.t, cfg.train.loss_weighting))
+                acc.backward(per.mean() / cfg.train.grad_accum)
+            per_all.append(per.detach())
+            t_all.append(fb.t)
+        per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
+        loss = float(per_g.mean())
+        T.check_finite(loss, "loss", step + 1, out)
+        gn = T.grad_norm_and_clip(acc, model, cfg.train.max_grad_norm)
+        T.check_finite(gn, "gradient norm", step + 1, out)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(dict(T.unwrap(model).named_parameters()))
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            log.log(done, {"loss": loss, "lr": lr, "grad_norm": gn, **T.bucket_losses(per_g, t_g)})
+        if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.train.steps):
+            T.write_samples(acc, model, data, cfg.sample, out, done)
+        if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
+            checkpoint(done)
+    bar.close()
+
+    # ---- save
+    if probe is not None:
+        M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
+    if cfg.output.save_every > 0:
+        checkpoint(cfg.train.steps)
+    if ema is not None:
+        ema.copy_to(dict(T.unwrap(model).named_parameters()))
+    final = out / f"{cfg.output.name}.safetensors"
+    plain = T.full_model(acc, model)
+    if plain is not None:
+        T.save_model(plain, final, cfg.output)
+        (out / f"{cfg.output.name}.toml").write_text(config_toml)
+    acc.wait_for_everyone()
+    log.close()
+    acc.end_training()
+    return final
