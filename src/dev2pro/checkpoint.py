@@ -640,14 +640,16 @@ def _load_from_source(src: _Source, spec: FluxSpec, dtype, device, fp8: str):
         plan = [keymap.Group((k,), (k,), "rename") for k in keys]
     fp8_in = {k for k in src.infos if src.is_fp8(k)}
     compute = dtype or (torch.bfloat16 if fp8_in else None)
-    # Linears whose weight arrives in fp8 become Fp8Linear (on meta; tensors are assigned below).
+    # Block linears whose weight arrives in fp8 become Fp8Linear (on meta; tensors are assigned below). fp8 tensors
+    # elsewhere (embedders, final layer, biases, norms of files that cast everything) are upcast to the compute dtype,
+    # as our own files keep them: this also keeps `model.dtype` (diffusers: first floating parameter) = compute dtype.
     fp8_modules = set()
     if keep:
         for g in plan:
             if g.inputs[0] in fp8_in and g.inputs[0].endswith(".weight") and len(src.infos[g.inputs[0]][1]) == 2:
                 for out in g.outputs:
                     mpath = out.rpartition(".")[0]
-                    if type(model.get_submodule(mpath)) is nn.Linear:
+                    if type(model.get_submodule(mpath)) is nn.Linear and fp8lib.is_quantized_module(mpath):
                         fp8_modules.add(mpath)
         for mpath in fp8_modules:
             lin = model.get_submodule(mpath)
