@@ -103,6 +103,9 @@ def test_claim_verdict_reproduced_clearly_and_not():
     cells["score"][("dev", "dev")] = _est(0.89, 0.05)
     v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
     assert v["reproduced"] is True and v["clear"] is False and "not significant" in v["text"]
+    cells["score"][("dev", "dev")] = _est(0.9, 0.05)  # a tie for first is not a reproduction; ties share ranks
+    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    assert v["reproduced"] is False and "(tie)" in v["text"] and v["ranks"]["score"] == [1, 3]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -827,40 +827,58 @@ def rank_cells(cells: dict[tuple[str, str], Estimate], higher_is_better: bool) -
     return sorted(ok, key=lambda k: -cells[k].mean if higher_is_better else cells[k].mean)
 
 
+def competition_rank(cells: dict[tuple[str, str], Estimate], cell: tuple[str, str], higher_is_better: bool) -> int:
+    """1 + the number of cells strictly better than `cell` (ties share a rank)."""
+    m = cells[cell].mean
+    return 1 + sum(1 for e in cells.values() if math.isfinite(e.mean) and (e.mean > m if higher_is_better
+                                                                             else e.mean < m))
+
+
 def claim_verdict(cells: dict[str, dict[tuple[str, str], Estimate]], claim: tuple[str, str], metric: str,
                   describe: Callable[[tuple[str, str]], str]) -> dict:
-    """Is `claim` (lora, base) the best LoRA cell on `metric`? "clearly" when its interval does not overlap the
-    runner-up's. Also its rank on every other metric. `cells[metric][(lora, base)]` are the main-guidance estimates."""
+    """Is `claim` (lora, base) the best LoRA cell on `metric`? Reproduced when its mean is strictly the best;
+    "clearly" when, in addition, its interval does not overlap the runner-up's; a tie for first is not a
+    reproduction. Also its rank (ties share one) on every metric. `cells[metric][(lora, base)]` are the
+    main-guidance estimates."""
     spec = METRIC[metric]
     ranking = rank_cells(cells[metric], spec.higher_is_better)
     out: dict[str, Any] = {"claim": list(claim), "metric": metric, "ranking": [list(k) for k in ranking]}
     if claim not in ranking:
-        out.update(reproduced=None, text=f"The claim could not be checked: no {spec.label} for {describe(claim)}.")
+        out.update(reproduced=None, clear=False,
+                   text=f"The claim could not be checked: no {spec.label} for {describe(claim)}.")
         return out
-    best = ranking[0]
     e = cells[metric][claim]
-    reproduced = best == claim
-    if reproduced and len(ranking) > 1:
-        other = cells[metric][ranking[1]]
-        clear = (e.lo > other.hi) if spec.higher_is_better else (e.hi < other.lo)
-        clear = bool(clear) if math.isfinite(e.lo) and math.isfinite(other.hi) else False
+    others = [k for k in ranking if k != claim]
+    rank = competition_rank(cells[metric], claim, spec.higher_is_better)
+    clear = False
+    if not others:
+        reproduced, text = True, f"Only one cell was scored ({describe(claim)}: {e.fmt()}); nothing to compare."
+    elif rank == 1 and cells[metric][others[0]].mean != e.mean:
+        reproduced = True
+        other = cells[metric][others[0]]
+        if math.isfinite(e.lo) and math.isfinite(other.hi):
+            clear = bool(e.lo > other.hi) if spec.higher_is_better else bool(e.hi < other.lo)
         text = (f"**Reproduced{' clearly' if clear else ' (intervals overlap: not significant)'}.** On {spec.label}, "
-                f"{describe(claim)} is best with {e.fmt()}; the runner-up is {describe(ranking[1])} with "
+                f"{describe(claim)} is best with {e.fmt()}; the runner-up is {describe(others[0])} with "
                 f"{other.fmt()}.")
-    elif reproduced:
-        clear, text = False, f"Only one cell was scored ({describe(claim)}: {e.fmt()}); nothing to compare."
     else:
+        reproduced = False
+        best = others[0]
         b = cells[metric][best]
-        overlap = (b.lo <= e.hi) if spec.higher_is_better else (b.hi >= e.lo)
-        clear = False
-        text = (f"**Not reproduced.** On {spec.label}, {describe(best)} is best with {b.fmt()}; {describe(claim)} "
-                f"ranks {ranking.index(claim) + 1} of {len(ranking)} with {e.fmt()}"
-                + (" (intervals overlap)." if overlap and math.isfinite(b.lo) else "."))
+        if b.mean == e.mean:
+            text = (f"**Not reproduced (tie).** On {spec.label}, {describe(claim)} ties with {describe(best)} for the "
+                    f"best value, {e.fmt()}.")
+        else:
+            overlap = (b.lo <= e.hi) if spec.higher_is_better else (b.hi >= e.lo)
+            text = (f"**Not reproduced.** On {spec.label}, {describe(best)} is best with {b.fmt()}; {describe(claim)} "
+                    f"ranks {rank} of {len(ranking)} with {e.fmt()}"
+                    + (" (intervals overlap)." if overlap and math.isfinite(b.lo) and math.isfinite(e.lo) else "."))
     ranks = {}
     for m in METRICS:
-        r = rank_cells(cells.get(m.key, {}), m.higher_is_better)
-        if claim in r:
-            ranks[m.key] = [r.index(claim) + 1, len(r)]
+        c = cells.get(m.key, {})
+        if claim in c and math.isfinite(c[claim].mean):
+            ranks[m.key] = [competition_rank(c, claim, m.higher_is_better),
+                            sum(math.isfinite(x.mean) for x in c.values())]
     out.update(reproduced=reproduced, clear=clear, text=text, ranks=ranks)
     return out
 
@@ -1055,7 +1073,9 @@ def series_table(cfg: CompareConfig, series: dict, xname: str) -> str:
         return ""
     head = ["LoRA", "base", xname] + [m.label for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cells = list(dict.fromkeys(c for m in metrics for c in series[m.key]))
+    order = {x.name: i for i, x in enumerate(cfg.loras)} | {"": -1}
+    border = {b.name: i for i, b in enumerate(cfg.bases)}
+    cells = sorted(dict.fromkeys(c for m in metrics for c in series[m.key]), key=lambda c: (border[c[1]], order[c[0]]))
     for cell in cells:
         xs = sorted({x for m in metrics for x, _ in series[m.key].get(cell, [])})
         for x in xs:
@@ -1078,7 +1098,7 @@ def write_report(res: CompareResult, out: Path, preface: str = "") -> Path:
             parts += [f"Rank of the claimed cell on each metric (1 = best): {ranks}.", ""]
     parts += ["## Setup", ""]
     for b in cfg.bases:
-        sweep = f", sweep {', '.join(f'{g:g}' for g in b.values())}" if b.sweep else ""
+        sweep = f" (sweep: {', '.join(f'{g:g}' for g in sorted(b.values()))})" if b.sweep else ""
         neg = f", negative prompt {b.negative!r}" if b.negative else ""
         parts.append(f"- base **{b.name}**: `{b.ref}`, {b.describe()}{sweep}{neg}")
     for x in cfg.loras:
