@@ -906,14 +906,17 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
     cols = sorted(set().union(*[set(r.images) for r in rows]))
     sample = next(iter(rows[0].images.values()))
     h, w = int(sample.shape[-2]) * s.grid_scale, int(sample.shape[-1]) * s.grid_scale
-    font = ImageFont.load_default(size=12)
-    label_w, head_h, pad = 330, 34, 4
+    font = ImageFont.load_default(size=11)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = 8 + max(int(measure.textlength(_cell_label(cfg, r.job.lora, r.job.base), font=font)) for r in rows)
+    heads = [_wrap(f"{s.prompts[pi]} (seed {sd})", w, lambda t: measure.textlength(t, font=font)) for pi, sd in cols]
+    pad, line_h = 4, 13
+    head_h = 4 + line_h * max(len(x) for x in heads)
     grid = Image.new("RGB", (label_w + len(cols) * (w + pad), head_h + len(rows) * (h + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    for c, (pi, sd) in enumerate(cols):
-        text = s.prompts[pi]
-        text = text if len(text) <= 28 else text[:26] + ".."
-        draw.text((label_w + c * (w + pad), 2), f"{text}\nseed {sd}", fill="black", font=font)
+    for c, lines in enumerate(heads):
+        for k, line in enumerate(lines):
+            draw.text((label_w + c * (w + pad), 2 + k * line_h), line, fill="black", font=font)
     for r, res in enumerate(rows):
         y = head_h + r * (h + pad)
         draw.text((4, y + h // 2 - 8), _cell_label(cfg, res.job.lora, res.job.base), fill="black", font=font)
@@ -929,13 +932,36 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
     return path
 
 
-def _figure(ncols: int, height: float = 3.2):
+def _wrap(text: str, width: float, length: Callable[[str], float]) -> list[str]:
+    """Greedy word wrap of `text` to lines no longer than `width` (a long single word stays on its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and length(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _panels(n: int, per_row: int = 3):
+    """A figure with `n` panels, at most `per_row` per row; returns (figure, the n axes, a spare axis or None)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.2 * ncols, height), layout="constrained")
+    cols = min(n, per_row)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.4 * cols, 3.3 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes[:n], (axes[n] if len(axes) > n else None)
+
+
+def _legend(axes, spare, **kw) -> None:
+    """The legend in the spare panel when there is one, else in the first panel."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    (spare or axes[0]).legend(handles, labels, loc="center" if spare else "best", **kw)
 
 
 def _scored_metrics(results: list[JobResult]) -> list[Metric]:
@@ -947,10 +973,10 @@ def plot_bars(cfg: CompareConfig, main: dict, path: Path) -> Path | None:
     metrics = [m for m in METRICS if any(math.isfinite(e.mean) for e in main.get(m.key, {}).values())]
     if not metrics:
         return None
-    fig = _figure(len(metrics))
+    fig, axes, spare = _panels(len(metrics))
     rows = ([None] if cfg.baseline else []) + [x.name for x in cfg.loras]
     width = 0.8 / max(1, len(rows))
-    for ax, m in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+    for ax, m in zip(axes, metrics):
         for i, lora in enumerate(rows):
             xs, ys, err = [], [], [[], []]
             for k, b in enumerate(cfg.bases):
@@ -966,31 +992,37 @@ def plot_bars(cfg: CompareConfig, main: dict, path: Path) -> Path | None:
             ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
         ax.set_xticks(range(len(cfg.bases)), [f"on {b.name}\n({b.describe()})" for b in cfg.bases], fontsize=8)
         ax.set_title(m.label + (" (lower is better)" if not m.higher_is_better else ""), fontsize=9)
-    fig.axes[0].legend(fontsize=7, title="LoRA trained on", title_fontsize=7)
+    _legend(axes, spare, fontsize=8, title="LoRA trained on", title_fontsize=8)
     fig.savefig(path, dpi=110)
     return path
 
 
 def plot_lines(cfg: CompareConfig, series: dict, xlabel: str, path: Path) -> Path | None:
     """`series[metric][(lora, base)] = [(x, Estimate), ...]`: one panel per metric, one line (with band) per cell."""
-    metrics = [m for m in METRICS if any(len(v) > 1 for v in series.get(m.key, {}).values())]
+    def finite(pts):
+        return sorted(((x, e) for x, e in pts if math.isfinite(e.mean)), key=lambda p: p[0])
+
+    metrics = [m for m in METRICS if any(len(finite(v)) > 1 for v in series.get(m.key, {}).values())]
     if not metrics:
         return None
-    fig = _figure(len(metrics))
-    for ax, m in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics):
+    colours = {"": "0.4"} | {x.name: f"C{i}" for i, x in enumerate(cfg.loras)}  # colour: the LoRA
+    styles = {b.name: ("-", "--", ":", "-.")[i % 4] for i, b in enumerate(cfg.bases)}  # line style: the base
+    fig, axes, spare = _panels(len(metrics))
+    for ax, m in zip(axes, metrics):
         for (lora, base), pts in series[m.key].items():
-            pts = [(x, e) for x, e in sorted(pts) if math.isfinite(e.mean)]
+            pts = finite(pts)
             if len(pts) < 2:
                 continue
             xs = [x for x, _ in pts]
             label = f"{'no LoRA' if not lora else cfg.lora(lora).trained_on} -> {base}"
-            line = ax.plot(xs, [e.mean for _, e in pts], marker="o", ms=3, label=label)[0]
+            ax.plot(xs, [e.mean for _, e in pts], marker="o", ms=3, label=label, color=colours[lora or ""],
+                    ls=styles[base])
             lo = [e.lo if math.isfinite(e.lo) else e.mean for _, e in pts]
             hi = [e.hi if math.isfinite(e.hi) else e.mean for _, e in pts]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(xs, lo, hi, color=colours[lora or ""], alpha=0.12, lw=0)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_title(m.label + (" (lower is better)" if not m.higher_is_better else ""), fontsize=9)
-    fig.axes[0].legend(fontsize=6)
+    _legend(axes, spare, fontsize=7 if spare else 6)
     fig.savefig(path, dpi=110)
     return path
 
