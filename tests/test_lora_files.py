@@ -339,3 +339,37 @@ def test_model_keys_check_uses_file_names(tmp_path):
     assert len(linear_modules(model)) > 0
     with pytest.raises(UserError, match=r"big.safetensors: layer '.+' has shape \(out \d+, in 64\).*in 32\)"):
         merge_lora_into_model(model, load_lora(tmp_path / "big.safetensors"), what=str(tmp_path / "big.safetensors"))
+
+
+def test_diffusers_loads_our_kohya_file_into_a_full_width_model(tmp_path):
+    """Oracle through the real loader: `FluxPipeline.load_lora_weights` on our kohya file, into a hidden-3072
+    one-block transformer (flux-1block: diffusers' kohya converter hard-codes Flux-dev widths), puts on every module
+    the same LoRA delta as ours (to bf16 rounding: diffusers casts adapters to the base dtype). Base weights are left
+    uninitialised (only shapes matter here; output equality is tested at tiny size above). The final layer is left
+    out: diffusers' converter emits its keys without the `transformer.` prefix, so its own loader drops them."""
+    from diffusers import FluxPipeline
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    from dev2pro.lora import resolve_targets
+    from dev2pro.models import build_transformer
+
+    model = build_transformer(PRESETS["flux-1block"], device="meta").to_empty(device="cpu").to(torch.bfloat16)
+    lin = linear_modules(model)
+    g = torch.Generator().manual_seed(1)
+    lora = LoraWeights(layers={p: LoraLayer(torch.randn(2, lin[p].in_features, generator=g) * 0.05,
+                                            torch.randn(lin[p].out_features, 2, generator=g) * 0.05, 8.0)
+                               for p in resolve_targets(model, "all-linear")})
+    save_lora(tmp_path / "k.safetensors", lora, "kohya")
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model)
+    pipe.load_lora_weights(str(tmp_path / "k.safetensors"))
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, PeftLoraLayer)}
+    assert set(wrapped) == set(lora.layers)
+    for name, m in wrapped.items():
+        adapter = next(iter(m.lora_A))
+        a, b = m.lora_A[adapter].weight.detach().float(), m.lora_B[adapter].weight.detach().float()
+        v = torch.randn(a.shape[1], 2, generator=g)
+        mine = lora.layers[name]
+        expect = mine.scale * (mine.up @ (mine.down @ v))
+        got = m.scaling[adapter] * (b @ (a @ v))
+        assert float((got - expect).norm() / expect.norm()) < 1e-2, name
