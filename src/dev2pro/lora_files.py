@@ -560,9 +560,11 @@ def describe_lora(path) -> str:
         keys = list(f.keys())
         for k in keys[:64]:
             tensors_dtypes[str(f.get_slice(k).get_dtype())] += 1
+        downs = [k for k in keys if k.endswith((".lora_down.weight", ".lora_A.weight", ".down.weight"))
+                 and k not in lora.passthrough]
+        file_ranks = [f.get_slice(k).get_shape()[0] for k in downs]
     n_keys = len(keys)
-    n_file_modules = sum(k.endswith((".lora_down.weight", ".lora_A.weight", ".down.weight")) for k in keys
-                         if k not in lora.passthrough)
+    n_file_modules = len(downs)
     size = Path(path).stat().st_size
     paths = list(lora.layers)
     cats = Counter(layer_category(p) for p in paths)
@@ -573,6 +575,7 @@ def describe_lora(path) -> str:
         f"modules: {len(paths)} (diffusers naming) from {n_file_modules} LoRA modules in the file, "
         f"{lora.num_params():,} LoRA parameters",
         f"rank: {_summary_counts(lora.ranks().values())}",
+        f"rank of the file's entries: {_summary_counts(file_ranks)}",
         f"alpha: {_summary_counts(lora.alphas().values())}",
         f"scale (alpha/rank): {_summary_counts(scales.elements())}",
         "covers: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items())),
