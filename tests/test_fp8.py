@@ -246,3 +246,23 @@ def test_peft_lora_wraps_an_fp8_base_linear(tmp_path):
     out.float().square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
     assert all(p.grad is None for p in base.values())
+
+
+@pytest.mark.gpu
+def test_scaled_mm_path_matches_the_dequantized_matmul():
+    """On fp8 tensor cores (capability >= 8.9) inference may use torch._scaled_mm; activations are quantized too,
+    so the result differs from the dequantized matmul by about e4m3's rounding (a few percent), not more."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs fp8 tensor cores (compute capability 8.9+)")
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 512)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=g)
+    x = torch.randn(64, 256, generator=g).cuda().bfloat16()
+    for scaling in fp8.SCALINGS:
+        q = fp8.Fp8Linear.from_linear(copy.deepcopy(lin), scaling).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            ref = q(x)
+            q.use_scaled_mm = True
+            out = q(x)
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert fp8.relative_rms(out, ref) < 0.06, scaling
