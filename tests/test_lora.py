@@ -172,6 +172,23 @@ def test_merged_model_equals_peft_applied_lora():
     torch.testing.assert_close(_out(merged), _out(base), rtol=1e-4, atol=1e-5)
 
 
+def test_apply_lora_on_fp8_base_equals_dequantized_base():
+    """Sampling path: a LoRA attached unmerged to an fp8 model computes exactly what it does on the dequantized
+    weights (Fp8Linear computes with the dequantized weight; the adapter stays fp32)."""
+    quant = random_transformer(SPEC)
+    fp8.swap_linears_to_fp8(quant, scaling="tensor")
+    plain = random_transformer(SPEC)
+    with torch.no_grad():
+        for path, lin in linear_modules(quant).items():
+            if isinstance(lin, fp8.Fp8Linear):
+                linear_modules(plain)[path].weight.copy_(lin.dequantized_weight())
+    lora = _random_lora(plain, targets="all-linear", std=0.1)
+    apply_lora(quant, lora, 0.8)
+    apply_lora(plain, lora, 0.8)
+    assert all(p.dtype == torch.float32 for n, p in quant.named_parameters() if ".lora_" in n)
+    torch.testing.assert_close(_out(quant), _out(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_merge_into_fp8_base_requantizes_with_layer_scaling():
     model = random_transformer(SPEC)
     ref = random_transformer(SPEC)

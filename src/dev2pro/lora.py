@@ -420,6 +420,9 @@ def apply_lora(model: nn.Module, lora: LoraWeights, strength: float = 1.0, adapt
     set_lora_strength(model, strength, adapter_name)
 
 
+apply_lora_unmerged = apply_lora  # the name used in the design notes
+
+
 def set_lora_strength(model: nn.Module, strength: float, adapter_name: str = "lora") -> None:
     """Scale adapter `adapter_name` to `strength * alpha / r` in every layer."""
     wrappers = _lora_wrappers(model, adapter_name)

@@ -243,12 +243,14 @@ class ExtractSummary:
 def extract_lora(a_path, b_path, out_path, rank: int | None = None, energy: float | None = None, *,
                  format: str = "kohya", targets="all", max_rank: int = 256, niter: int = 2,
                  min_norm: float = 0.0, device=None, dtype: torch.dtype | None = None,
-                 metadata: dict | None = None, progress: bool = True) -> ExtractSummary:
+                 metadata: dict | None = None, progress: bool = True,
+                 energy_threshold: float | None = None) -> ExtractSummary:
     """Write a LoRA approximating `B - A` (so that A + LoRA ~ B) and return the energy summary.
 
     `rank` or `energy` (0 < energy <= 1); `targets`: "all" (every Linear, default), a preset or regexes on diffusers
     module paths; layers whose difference norm is <= `min_norm` are skipped. `device` runs the SVDs there (e.g.
-    "cuda"). Both models must have the same architecture."""
+    "cuda"). Both models must have the same architecture. `energy_threshold` is an alias of `energy`."""
+    energy = energy if energy_threshold is None else energy_threshold
     if (rank is None) == (energy is None):
         raise UserError("give --rank R or --energy F (not both)")
     if rank is not None and rank < 1:
