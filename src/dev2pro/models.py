@@ -118,6 +118,11 @@ PRESETS: dict[str, FluxSpec] = {
                          depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=True),
     "tiny-pro": FluxSpec(in_channels=48, vec_in_dim=32, context_in_dim=64, hidden_size=32, num_heads=2, depth=1,
                          depth_single_blocks=1, axes_dim=(4, 6, 6), guidance_embed=False),
+    # The toy world's shipped models (dev2pro.toy, ~1.8M parameters): pro = CFG teacher, dev = distilled student.
+    "toy-pro": FluxSpec(in_channels=48, vec_in_dim=32, context_in_dim=64, hidden_size=128, num_heads=4, depth=2,
+                        depth_single_blocks=2, axes_dim=(8, 12, 12), guidance_embed=False),
+    "toy-dev": FluxSpec(in_channels=48, vec_in_dim=32, context_in_dim=64, hidden_size=128, num_heads=4, depth=2,
+                        depth_single_blocks=2, axes_dim=(8, 12, 12), guidance_embed=True),
 }
 
 

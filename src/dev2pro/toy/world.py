@@ -45,7 +45,7 @@ BACKGROUNDS = {
     "white": (240, 240, 240),
     "gray": (128, 128, 128),
 }
-SIZES = {"small": 0.19, "large": 0.31}  # radius as a fraction of the image side
+SIZES = {"small": 0.21, "large": 0.32}  # radius as a fraction of the image side
 POSITIONS = ("center", "top left", "top right", "bottom left", "bottom right")
 TRIGGER = "zxq"  # the held-out style's trigger word ("in zxq style")
 STRIPE = {"white": (20, 20, 20)}  # colour of the style's stripes per background; white stripes otherwise
