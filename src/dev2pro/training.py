@@ -213,37 +213,60 @@ OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3fn": to
 
 
 def setup_accelerator(train: TrainConfig, dist: DistributedConfig | None = None):
-    """An `accelerate.Accelerator` for this run: cpu or cuda, bf16 autocast or none, DDP or FSDP2 when launched with
-    several processes (`accelerate launch`, `torchrun`)."""
+    """An `accelerate.Accelerator` for this run: process group (gloo on CPU, nccl on GPUs) when launched with several
+    processes (`accelerate launch`, `torchrun`), device placement, bf16 autocast or none. The model is distributed
+    afterwards by `distribute` (DDP through accelerate, or FSDP2)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cpu = train.device == "cpu" or (train.device == "auto" and not torch.cuda.is_available())
     if train.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA GPU is visible (use train.device = 'cpu' or 'auto')")
-    kwargs: dict[str, Any] = dict(cpu=cpu, mixed_precision=train.mixed_precision)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist is not None and dist.strategy == "fsdp2" and world > 1:
-        from accelerate.utils import FullyShardedDataParallelPlugin
+    # Frozen base weights never get gradients; DDP's unused-parameter search would cost a graph walk per step.
+    return Accelerator(cpu=cpu, mixed_precision=train.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["FluxTransformerBlock", "FluxSingleTransformerBlock"],
-            cpu_ram_efficient_loading=False, activation_checkpointing=False,
-        )
-    else:
-        # Frozen base weights never get gradients; unused-parameter search costs a graph walk per step.
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    return Accelerator(**kwargs)
+
+FSDP_UNITS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # one FSDP2 unit per transformer block
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def distribute(accelerator, model: torch.nn.Module, dist: DistributedConfig, train: TrainConfig) -> torch.nn.Module:
+    """Spread the model over the processes (a no-op with one process). Create the optimizer AFTER this call (FSDP2
+    replaces the parameters by sharded DTensors) and pass it through `accelerator.prepare_optimizer`.
+
+    - `ddp`: `accelerator.prepare_model` (DistributedDataParallel; gradients all-reduced, averaged).
+    - `fsdp2`: `torch.distributed.fsdp.fully_shard` on every transformer block, then on the root: parameters,
+      gradients and optimizer state are sharded across ranks; each block is all-gathered for its forward and
+      backward, gradients are reduce-scattered (averaged). With bf16 mixed precision the gathered parameters are bf16
+      and gradients reduce in fp32 (`MixedPrecisionPolicy`). This is the engine accelerate's FSDP plugin
+      (fsdp_version=2) calls; we call it directly because accelerate enables FSDP on GPUs only, and the same code
+      path then runs (and is tested) on CPU with gloo."""
+    if accelerator.num_processes == 1:
+        return accelerator.prepare_model(model)
+    if dist.strategy == "ddp":
+        return accelerator.prepare_model(model)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if train.mixed_precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for module in model.modules():
+        if type(module).__name__ in FSDP_UNITS:
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 def accumulation_context(accelerator, model, last_micro_step: bool):
     """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulated step (a pure speed-up: the
     reduced gradient is the same). FSDP2 and single processes need nothing."""
-    from accelerate.utils import DistributedType
-
-    ddp = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    ddp = accelerator.num_processes > 1 and not is_fsdp(model)
     return accelerator.no_sync(model) if ddp and not last_micro_step else contextlib.nullcontext()
 
 
@@ -269,9 +292,7 @@ def full_model(accelerator, model) -> torch.nn.Module | None:
     """A plain CPU copy-free view of the trained model for export: the unwrapped module for one process or DDP;
     under FSDP2 the full weights are gathered into a fresh CPU module on the main process (None elsewhere).
     Collective: call on every rank."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if not is_fsdp(model):
         return unwrap(model) if accelerator.is_main_process else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -543,13 +564,11 @@ def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out
     `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
     encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
     forward passes; otherwise only the main process samples."""
-    from accelerate.utils import DistributedType
-
     from dev2pro.sampling import generate, save_grid
 
     if not sample.prompts:
         return None
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    fsdp = is_fsdp(model)
     if not (fsdp or accelerator.is_main_process):
         accelerator.wait_for_everyone()
         return None
@@ -775,6 +794,7 @@ def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "world_size": accelerator.num_processes, "time": time.time(),
+                     "distributed": ("fsdp2" if is_fsdp(model) else "ddp") if accelerator.num_processes > 1 else "none",
                      **(extra_state or {})}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             if final.exists():

@@ -59,8 +59,8 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    opt = T.make_optimizer(model.parameters(), cfg.train)
-    model, opt = acc.prepare(model, opt)
+    model = T.distribute(acc, model, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(T.make_optimizer(model.parameters(), cfg.train))
     ema = T.Ema(dict(T.unwrap(model).named_parameters()), cfg.ema.decay) if cfg.ema.enabled else None
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0

@@ -124,8 +124,8 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(student, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    opt = T.make_optimizer(student.parameters(), cfg.train)
-    student, opt = acc.prepare(student, opt)
+    student = T.distribute(acc, student, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(T.make_optimizer(student.parameters(), cfg.train))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if resume_from is not None:
