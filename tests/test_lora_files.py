@@ -278,6 +278,15 @@ def test_xlabs_and_comfyui_inputs(tmp_path):
     assert c.source_format == "comfyui"
     _assert_same(comfy, c)
 
+    # kohya-style keys on diffusers module names (OneTrainer): lora_transformer_<path with _>
+    ot = {}
+    for k, layer in comfy.layers.items():
+        name = "lora_transformer_" + k.replace(".", "_")
+        ot.update({f"{name}.lora_down.weight": layer.down, f"{name}.lora_up.weight": layer.up,
+                   f"{name}.alpha": torch.tensor(layer.alpha)})
+    save_file(ot, tmp_path / "onetrainer.safetensors")
+    _assert_same(comfy, load_lora(tmp_path / "onetrainer.safetensors"))
+
 
 def test_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):

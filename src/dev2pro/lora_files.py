@@ -16,6 +16,8 @@ Formats (all safetensors; `delta W = alpha / rank * up @ down`):
   `.lora_B.weight`, optional `.alpha`; without alpha keys alpha = rank (peft's convention), unless diffusers'
   `lora_adapter_metadata` header says otherwise. We write `.alpha` keys only when some alpha differs from its rank:
   diffusers' `FluxPipeline.load_lora_weights` and ComfyUI read them.
+- kohya-style keys on diffusers modules (OneTrainer): `lora_transformer_<diffusers module path, '.' -> '_'>` with
+  lora_down/lora_up/alpha; read only.
 - ComfyUI: `diffusion_model.<BFL module path>` (optionally `model.` in front) with lora_down/lora_up or
   lora_A/lora_B, optional `.alpha`.
 - XLabs (XLabs-AI/x-flux `DoubleStreamBlockLoraProcessor` / `SingleStreamBlockLoraProcessor`):
@@ -177,6 +179,31 @@ def _kohya_name_table() -> list[tuple[re.Pattern, str]]:
 _KOHYA_TABLE = _kohya_name_table()
 
 
+def _kohya_diffusers_table() -> list[tuple[re.Pattern, str]]:
+    """`lora_transformer_<diffusers module path, '.' -> '_'>` (OneTrainer-style kohya keys on diffusers modules)."""
+    table = []
+    for _, diffusers, kind, _ in keymap.MODULE_RULES:
+        if kind == "norm":
+            continue
+        for d in diffusers:
+            pat = re.escape(d.replace(".", "_")).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            table.append((re.compile("^" + pat + "$"), d))
+    return table
+
+
+_KOHYA_DIFFUSERS_TABLE = _kohya_diffusers_table()
+
+
+def kohya_name_to_diffusers(name: str) -> str | None:
+    """`single_transformer_blocks_0_attn_to_q` -> `single_transformer_blocks.0.attn.to_q` (None if unknown)."""
+    for pat, path in _KOHYA_DIFFUSERS_TABLE:
+        m = pat.match(name)
+        if m:
+            i = m.groupdict().get("i")
+            return path.replace("{i}", i) if i is not None else path
+    return None
+
+
 def kohya_name_to_bfl(name: str) -> str | None:
     """`double_blocks_0_img_attn_qkv` -> `double_blocks.0.img_attn.qkv` (None when not a Flux module)."""
     for pat, bfl in _KOHYA_TABLE:
@@ -268,7 +295,7 @@ def detect_format(keys) -> str:
     keys = [k for k in keys if not _TEXT_ENCODER.match(k)]
     if not keys:
         return "unknown"
-    if any(k.startswith("lora_unet_") for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_transformer_")) for k in keys):
         return "kohya"
     if any(".processor." in k and ("qkv_lora" in k or "proj_lora" in k) for k in keys):
         return "xlabs"
@@ -346,13 +373,23 @@ def load_lora(path) -> LoraWeights:
     if fmt in ("kohya", "comfyui"):
         if fmt == "kohya":
             modules, bad = _group_by_module(tensors, lambda s: s)
-            bfl_names = {}
+            bfl_names, diffusers_names = {}, {}
             for name in modules:
+                if name.startswith("lora_transformer_"):
+                    path_ = kohya_name_to_diffusers(name.removeprefix("lora_transformer_"))
+                    if path_ is None:
+                        bad.append(name)
+                    else:
+                        diffusers_names[name] = path_
+                    continue
                 bfl = kohya_name_to_bfl(name.removeprefix("lora_unet_")) if name.startswith("lora_unet_") else None
                 if bfl is None:
                     bad.append(name)
                 else:
                     bfl_names[name] = bfl
+            for name, dpath in diffusers_names.items():
+                down, up, alpha = _entry(path, name, modules[name])
+                put({dpath: LoraLayer(down, up, down.shape[0] if alpha is None else alpha)})
         else:
             modules, bad = _group_by_module(tensors, _strip_comfy)
             bfl_names = {}
