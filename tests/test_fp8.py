@@ -14,7 +14,7 @@ from dev2pro.models import PRESETS, FluxSpec, random_transformer
 
 E4M3 = torch.float8_e4m3fn
 # Small but not tiny: hidden 256 gives rows of 256..1280 weights, enough for stable error statistics.
-SMALL = FluxSpec(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64, vec_in_dim=32)
+SMALL = FluxSpec(hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=64, vec_in_dim=32)
 
 
 def test_quantize_matches_the_recipe():
