@@ -190,3 +190,25 @@ def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
                                     output=T.OutputConfig(dir=str(tmp_path / "x")))
     with pytest.raises(T.ConfigError, match="no guidance embedding"):
         dedistill.run(cfg, data=toy_data(8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shipped configs
+
+
+@pytest.mark.parametrize("name, module, cls", [
+    ("tiny-cpu", "train_lora", "TrainLoraConfig"), ("lora-24gb", "train_lora", "TrainLoraConfig"),
+    ("lora-16gb", "train_lora", "TrainLoraConfig"), ("dedistill", "dedistill", "DedistillConfig"),
+    ("distill", "distill", "DistillRecipeConfig"), ("train-base", "train_base", "TrainBaseConfig")])
+def test_shipped_configs_load_strictly(tmp_path, name, module, cls):
+    import importlib
+    from pathlib import Path
+
+    from dev2pro.config import dump_toml, load_config
+
+    mod = importlib.import_module(f"dev2pro.recipes.{module}")
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
+    cfg = load_config(getattr(mod, cls), path, [f"data.dir={tmp_path}", f"output.dir={tmp_path / 'o'}"])
+    assert cfg.train.guidance == 1.0 or module == "distill"
+    (tmp_path / "resolved.toml").write_text(dump_toml(cfg))
+    assert load_config(getattr(mod, cls), tmp_path / "resolved.toml") == cfg  # the saved config round trips
