@@ -424,7 +424,7 @@ def job_from_config(data: dict, **overrides) -> Job:
     spec = spec_from_base(str(model.get("base", "flux-dev")))
     method = "lora" if "lora" in data else "full"
     dtype = {"auto": "bf16", "fp8": "fp8", "bf16": "bf16", "fp32": "fp32"}[model.get("dtype", "auto")]
-    autocast = train.get("mixed_precision", "no") == "bf16" or model.get("compute_dtype", "bf16") == "bf16"
+    autocast = train.get("mixed_precision", "no") == "bf16"
     kw = dict(spec=spec, method=method, weight_dtype=dtype, autocast=autocast,
               rank=int(lora.get("rank", 16)), targets=lora.get("targets", "attention"),
               batch_size=int(train.get("batch_size", 1)), resolution=int(data_cfg.get("resolution", 512)),
