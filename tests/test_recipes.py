@@ -152,6 +152,25 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
     assert all(not p.requires_grad for p in teacher.parameters())  # the teacher stayed frozen
 
 
+def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teacher(tmp_path, monkeypatch):
+    from dev2pro.fp8 import Fp8Linear
+    from dev2pro.recipes import distill
+
+    teacher = random_transformer(PRESETS["tiny-pro"], seed=1, std=0.1)
+    reference = {k: v.clone() for k, v in teacher.state_dict().items()}
+    monkeypatch.setattr(T, "load_model", lambda ref, dtype, device: teacher)
+    saved = {}
+    monkeypatch.setattr(T, "save_model", lambda model, path, output: saved.setdefault("m", model))
+    cfg = distill.DistillRecipeConfig(
+        model=T.ModelConfig(base="teacher"), train=train_cfg(2, lr=1e-12),
+        output=T.OutputConfig(dir=str(tmp_path / "d"), dtype="fp32"), distill=distill.DistillSection(teacher_fp8=True))
+    distill.run(cfg, data=toy_data(8))
+    assert any(isinstance(m, Fp8Linear) for m in teacher.modules())
+    student = saved["m"].state_dict()
+    for k, v in reference.items():  # copied before quantization (lr ~ 0: unchanged)
+        torch.testing.assert_close(student[k], v, rtol=0, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # dedistill
 
