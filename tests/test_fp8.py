@@ -199,6 +199,18 @@ def test_fp8_linear_forward_dtype_and_surgery():
         q.to(torch.bfloat16)
         assert q.weight.dtype == E4M3 and q.bias.dtype == torch.bfloat16
         assert q.scale_weight is None or q.scale_weight.dtype == torch.float32
+    # gradients flow to the input (LoRA layers before this one need them), and autograd keeps only the fp8 weight
+    q = fp8.Fp8Linear.from_linear(copy.deepcopy(lin0), "channel")
+    x = torch.randn(4, 32, generator=g, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not any(t.numel() == 48 * 32 and t.dtype != E4M3 for t in saved)
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    F.linear(x2, q.dequantized_weight(), q.bias.detach()).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-7)
+
     spec = PRESETS["tiny-pro"]
     model = random_transformer(spec, 0)
     inputs = checkpoint.fixed_inputs(spec)

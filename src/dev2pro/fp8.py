@@ -19,12 +19,15 @@ What stays in high precision (bf16/fp32), and why: only the 2-D `weight`s of lin
 blocks are quantized (attention qkv/proj, MLPs, modulation: >99% of the 12B parameters). Biases and norm scales are
 1-D, tiny, and added/multiplied unscaled into every token. The embedders (`img_in`, `txt_in`, `time_in`, `vector_in`,
 `guidance_in`) and the final layer are ~0.5% of the parameters but every token and every conditioning passes through
-them once without a residual path to absorb errors; keeping them costs ~60 MB. This matches what the community
-scaled-fp8 files and diffusers' layerwise casting keep (`skip_modules_pattern` of embedders/norms).
+them once without a residual path to absorb errors; keeping them in bf16 costs ~64 MB over fp8 (64M parameters).
+diffusers' layerwise fp8 casting makes a similar choice (`DEFAULT_SKIP_MODULES_PATTERN`: norms, patch/position
+embeddings, the model's input and output projections).
 
 `Fp8Linear` keeps the fp8 weight as a frozen parameter and dequantizes it to the input's dtype in `forward`
-(bf16/fp32 compute). On CUDA GPUs with fp8 tensor cores (compute capability >= 8.9) it can use `torch._scaled_mm`
-when `use_scaled_mm` is set and no gradient is needed (inference); `_scaled_mm` has no backward.
+(bf16/fp32 compute). A small autograd function saves the fp8 weight, not the dequantized copy, for backward, so
+training a LoRA on an fp8 base does not hold a high-precision copy of every weight until backward. On CUDA GPUs
+with fp8 tensor cores (compute capability >= 8.9) it can use `torch._scaled_mm` when `use_scaled_mm` is set and no
+gradient is needed (inference); `_scaled_mm` has no backward.
 peft LoRA wraps it like any `nn.Linear` (it is a subclass): peft reads `compute_dtype` (as it does for bitsandbytes
 layers) to pick the adapter dtype, and we set it to float32, so LoRA weights are created in fp32 instead of being
 cast to the base weight's fp8 dtype (peft casts adapters to the base dtype whenever it is a floating dtype, which
@@ -110,6 +113,28 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (major, minor) >= (8, 9) and k % 16 == 0 and n % 16 == 0
 
 
+class _Fp8LinearFn(torch.autograd.Function):
+    """`F.linear(x, dequantize(w8, scale), bias)` that saves the fp8 weight for backward, not its dequantized copy:
+    with plain `F.linear` autograd would keep one bf16/fp32 weight per layer alive until backward (the whole model
+    in high precision when training a LoRA on an fp8 base). Backward dequantizes again (cheap next to the matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, w8, scale, bias):
+        ctx.save_for_backward(w8, scale)
+        ctx.has_bias = bias is not None
+        return F.linear(x, dequantize(w8, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w8, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize(w8, scale, grad_out.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
 class Fp8Linear(nn.Linear):
     """An `nn.Linear` whose weight is stored in float8_e4m3fn (frozen) with an optional fp32 `scale_weight`
     (scalar or per output row). `forward` computes in the input's dtype. Build with `Fp8Linear.from_linear` or
@@ -160,7 +185,7 @@ class Fp8Linear(nn.Linear):
         if self.use_scaled_mm and _scaled_mm_ok(x, self.weight):
             return self._forward_scaled_mm(x)
         bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantized_weight(dtype), bias)
+        return _Fp8LinearFn.apply(x, self.weight, self.scale_weight, bias)
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """fp8 x fp8 matmul on tensor cores: activations quantized per row (channel) or per tensor on the fly."""
