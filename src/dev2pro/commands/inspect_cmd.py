@@ -39,7 +39,7 @@ FORMAT_NAMES = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", metavar="FILE|DIR", help="checkpoint file, diffusers folder or LoRA file")
+    parser.add_argument("path", metavar="FILE|DIR", help="checkpoint file, diffusers folder, LoRA file or toy:NAME")
 
 
 def describe_lora_fallback(path) -> str:
@@ -58,6 +58,7 @@ def describe_lora_fallback(path) -> str:
 def describe(path) -> str:
     from dev2pro import checkpoint
 
+    path = checkpoint.resolve_ref(path)  # also toy:NAME
     fmt = checkpoint.detect_format(path)
     if fmt == "lora":
         try:
