@@ -175,6 +175,7 @@ STREAM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_convert_and_load_stream_one_group_at_a_time(fast_tmp):
     """(c) flux-mid (0.16B params, 320 MB in bf16): converting to fp8 and loading need about one tensor group of

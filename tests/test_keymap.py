@@ -36,6 +36,7 @@ def _distinct_rows_state_dict(spec, dtype, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_our_bfl_file_through_diffusers_converter_gives_back_original_tensors(fast_tmp):
     """(a) Hidden 3072 (the converter hard-codes it), one double + one single block, bf16."""
     spec = PRESETS["flux-1block"]
