@@ -198,9 +198,9 @@ def test_plan_jobs_dedupes_and_groups(tmp_path):
     assert [s for s, _ in ck["weak"]] == [10, 20] and ck["weak"][0][1].name == "weak.safetensors"
     jobs = C.plan_jobs(cfg, ck)
     assert len({j.key for j in jobs}) == len(jobs)
-    # dev: 3 LoRA rows (none, weak, strong) x 3 guidance values + curves (1 seed): step 0 and 2 steps x 2 LoRAs
+    # dev: base alone at 3.5, 2 LoRAs x 3 guidance values, curves (1 seed): step 0 and 2 steps x 2 LoRAs
     # pro: 3 rows x 1 value + the same curves
-    assert len(jobs) == 9 + 5 + 3 + 5
+    assert len(jobs) == 1 + 6 + 5 + 3 + 5
     assert [j.base for j in jobs] == sorted([j.base for j in jobs], key=["dev", "pro"].index)
 
 

@@ -60,7 +60,7 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     assert cells == {(n, b) for n, *_ in D.LORAS for b in ("dev", "dev2pro")}
     assert res.verdict["claim"] == list(D.CLAIM) and res.verdict["reproduced"] in (True, False)
     report = (out / "report.md").read_text()
-    assert ("**Reproduced" in report) != ("**Not reproduced.**" in report)
+    assert ("**Reproduced" in report) != ("**Not reproduced" in report)
     assert "Whole demo:" in report and "![grid](grid.png)" in report and "de-distilled" in report
     # the curves run over the LoRA checkpoints (step 0 = no LoRA, then save_every and the final step)
     steps = [s for s, _ in res.curves["style"][("dev2pro-g1", "dev")]]

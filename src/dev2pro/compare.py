@@ -6,7 +6,7 @@ What it runs (`dev2pro compare CONFIG.toml`):
   without a LoRA as a baseline; each base samples in its own mode: `embedded` (dev-like: the guidance value goes into
   the guidance embedding, one pass, no negative prompt) or `cfg` (de-distilled: true classifier-free guidance with a
   negative prompt, embedded guidance fixed at 1.0 when the model has the embedding);
-- **guidance sweep**: the same cells at each base's `sweep` values;
+- **guidance sweep**: the LoRA cells at each base's `sweep` values;
 - **curves**: the metrics of each LoRA's intermediate checkpoints (`checkpoint-<step>`) on each base, step 0 being
   the base without a LoRA;
 - **metrics** per cell, each with its mean and a 95% interval: style fidelity (the judge's probability of the
@@ -435,7 +435,7 @@ def plan_jobs(cfg: CompareConfig, checkpoints: dict[str, list[tuple[int, Path]]]
     jobs: dict[str, Job] = {}
     for b in cfg.bases:
         for lora in loras:
-            for g in b.values():
+            for g in (b.values() if lora is not None else (b.guidance,)):  # the sweep covers the LoRA cells
                 j = Job(b.name, lora, None, g, s.prompts, s.seeds)
                 jobs.setdefault(j.key, j)
         if cfg.curves and any(checkpoints.values()):

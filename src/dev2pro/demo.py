@@ -55,10 +55,10 @@ class DemoPlan:
     lora_rank: int = 8
     lora_targets: str = "all-linear"
     batch_size: int = 16
-    checkpoints: int = 3  # intermediate LoRA checkpoints for the curves
+    checkpoints: int = 2  # intermediate LoRA checkpoints for the curves (plus the final step)
     prompts: int = 8  # evaluation prompts (fresh scenes, with the trigger)
     seeds: tuple[int, ...] = (0, 1, 2, 3)
-    curve_seeds: tuple[int, ...] = (0, 1)
+    curve_seeds: tuple[int, ...] = (0,)
     sample_steps: int = 16
     guidance: float = 3.5  # dev's embedded guidance and dev2pro's CFG scale at evaluation
     sweep: tuple[float, ...] = (2.0, 5.0)
