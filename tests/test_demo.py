@@ -67,6 +67,12 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     assert steps == [0, TINY.save_every(), TINY.lora_steps]
     summary = json.loads((out / "demo.json").read_text())
     assert set(summary["timings_s"]) >= {"data", "dedistill", "evaluation"}
+    assert summary["machine"]["cpu_seconds"] > 0
+
+    doc = D.write_results_doc(res, tmp_path / "docs")
+    text = doc.read_text()
+    assert "## The toy demo" in text and res.verdict["text"] in text and "![demo grid](img/demo-grid.png)" in text
+    assert (tmp_path / "docs" / "img" / "demo-grid.png").read_bytes() == (out / "grid.png").read_bytes()
 
 
 def test_plan_scaling_and_cli_validation(capsys):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import time
 import typing
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
     configs = out / "configs"
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
     def stage(name: str):
         log(f"[demo] {name} ...")
@@ -222,10 +224,83 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
     timings["evaluation"] = res.seconds
     total = time.perf_counter() - t_start
     summary = {"timings_s": timings, "total_s": total, "plan": dataclasses.asdict(plan), "dev": dev, "full": full,
-               "verdict": res.verdict}
+               "verdict": res.verdict, "machine": machine_info(load_start)}
     (out / "demo.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
     with (out / "report.md").open("a", encoding="utf-8") as f:
         f.write(f"Whole demo: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n")
     res.files["demo"] = "demo.json"
     res.total_seconds = total
+    res.summary = summary
     return res
+
+
+def machine_info(load_start: float | None = None) -> dict:
+    """What the timings were measured on: CPU, cores, torch threads, load average, this process's CPU seconds."""
+    import platform
+    import resource
+
+    import torch
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 1)}
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = None if load_start is None else round(load_start, 2)
+        info["load_average_end"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> Path:
+    """`<docs>/demo-results.md` plus `<docs>/img/demo-*.png` from a finished demo (`run_demo`'s result): the section
+    the README shows. Regenerate it whenever the demo changes: `dev2pro demo --docs docs`."""
+    import shutil
+
+    from dev2pro.compare import pivot_table
+
+    docs = Path(docs)
+    img = docs / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    out = Path(res.config.output.dir)
+    links = {}
+    for name in ("grid", "bars", "curves", "sweep"):
+        if name in res.files:
+            shutil.copyfile(out / res.files[name], img / f"demo-{name}.png")
+            links[name] = f"img/demo-{name}.png"
+    summ = res.summary
+    m = summ["machine"]
+    t = summ["timings_s"]
+    load = ""
+    if m.get("load_average_start") is not None:
+        load = f", load average {m['load_average_start']:.1f} at the start and {m['load_average_end']:.1f} at the end"
+    v = res.verdict or {}
+    parts = [
+        "## The toy demo", "",
+        f"`{command}` runs the whole dev2pro recipe on the toy world on a CPU: it de-distills the shipped toy dev into "
+        "toy dev2pro, trains one style LoRA three ways (on dev at guidance 3.5, on dev at 1.0, on dev2pro at 1.0; same "
+        "data, seed, steps and rank) and applies each to dev (embedded guidance) and to dev2pro (true CFG). The "
+        f"numbers below are from a real run (its `{out}/report.md` has everything, including the guidance sweep).", "",
+        f"**Does the article's claim reproduce on the toy world?** {v.get('text', 'no verdict (no judge)')}", "",
+        f"Run: {summ['total_s'] / 60:.1f} minutes in all ("
+        + ", ".join(f"{k} {x:.0f} s" for k, x in t.items())
+        + f") on {m['cores']} CPU cores ({m['processor']}), {m['torch_threads']} torch thread(s){load}; "
+        f"{m['cpu_seconds']:.0f} CPU seconds.", "",
+        "### Styled and on prompt (style probability x prompt adherence, per image; mean [95% t-interval])", "",
+        pivot_table(res.config, res.main, "score"), "",
+        "### All metrics", "", res.table(), "",
+    ]
+    if "grid" in links:
+        parts += ["### Image grid", "", "Rows: trained on x applied to (and each base alone); columns: evaluation "
+                  "prompts (fresh scenes in the zxq style), seed 0.", "", f"![demo grid]({links['grid']})", ""]
+    if "curves" in links:
+        parts += ["### Metrics over LoRA training steps", "", f"![demo curves]({links['curves']})", ""]
+    parts += ["### Reading it", "",
+              "- The toy world is a scientific instrument, not a proof: tiny Flux-architecture models, 32x32 images, a "
+              "style of stripes, a judge trained on the generator. Whatever it shows is reported as it came out.",
+              "- Each LoRA was trained once (one seed): the intervals cover sampling noise over prompts and seeds, not "
+              "the spread between training runs. `dev2pro demo --full` trains longer and samples more.",
+              "- Regenerate this section with `dev2pro demo --docs docs` after changing the demo or the toy models.",
+              ""]
+    path = docs / "demo-results.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
                         help="multiply every training step count by X (default 1.0)")
     parser.add_argument("--dev", default="toy:dev", metavar="REF",
                         help="the dev-like base (default toy:dev, the shipped toy model)")
+    parser.add_argument("--docs", metavar="DIR",
+                        help="also write DIR/demo-results.md and DIR/img/demo-*.png (the README's demo section)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="torch CPU threads (default: the idle cores, from the load average; at least 1)")
 
@@ -52,4 +54,10 @@ def main(args) -> int:
         print()
         print(res.verdict["text"].replace("**", ""))
     print(f"\nreport: {args.out}/report.md  ({res.total_seconds:.0f} s in all)")
+    if args.docs:
+        from dev2pro.demo import write_results_doc
+
+        cmd = "dev2pro demo" + (" --full" if args.full else "") + (
+            f" --steps-scale {args.steps_scale:g}" if args.steps_scale != 1.0 else "")
+        print(f"docs: {write_results_doc(res, args.docs, cmd)}")
     return 0
