@@ -485,7 +485,8 @@ def _child(args: dict) -> list[int]:
     def inputs(job, spec, side, n_txt):
         comp = torch.bfloat16 if job.autocast else {"bf16": torch.bfloat16}.get(job.weight_dtype, torch.float32)
         g = torch.Generator().manual_seed(0)
-        x = models.pack_latents(torch.randn(job.batch_size, 16, 2 * side, 2 * side, generator=g)).to(comp)
+        lat = torch.randn(job.batch_size, spec.in_channels // 4, 2 * side, 2 * side, generator=g)
+        x = models.pack_latents(lat).to(comp)
         txt = torch.randn(job.batch_size, n_txt, spec.context_in_dim, generator=g).to(comp)
         pooled = torch.randn(job.batch_size, spec.vec_in_dim, generator=g).to(comp)
         return x, txt, pooled, models.image_ids(2 * side, 2 * side), models.text_ids(n_txt)

@@ -1,0 +1,61 @@
+"""Bench d: peak RSS while loading and while converting a mid-size checkpoint (`dev2pro.checkpoint`).
+
+A flux-mid BFL file in bf16 is written once; then, each in a fresh process, (1) the runtime alone (python + torch +
+diffusers + dev2pro imported), (2) `load_transformer` of the file, (3) `dev2pro convert` of the file to fp8 with
+channel scales. Peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` of that process.
+Goal: convert peak <= 1.2 x output file size + runtime baseline (streaming: the model is never whole in memory);
+loading necessarily holds the model, so its bound is 1.2 x the input file size + baseline.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import MiB, peak_rss_of, table, verdict
+
+GOAL = 1.2
+IMPORTS = "import torch, diffusers, safetensors.torch; import dev2pro.checkpoint, dev2pro.fp8, dev2pro.models\n"
+
+
+def measure(preset: str, folder: Path) -> dict[str, float]:
+    import torch
+
+    from dev2pro import checkpoint, models
+
+    src = folder / "model-bf16.safetensors"
+    dst = folder / "model-fp8.safetensors"
+    checkpoint.save_transformer(models.random_transformer(models.PRESETS[preset], seed=0), src, dtype=torch.bfloat16)
+    base, _ = peak_rss_of(IMPORTS + "torch.zeros(1)")
+    load, _ = peak_rss_of(IMPORTS + f"m = dev2pro.checkpoint.load_transformer({str(src)!r})")
+    conv, _ = peak_rss_of(IMPORTS + "from dev2pro.cli import main\n"
+                          f"assert main(['convert', {str(src)!r}, {str(dst)!r}, '--dtype', 'fp8_e4m3fn', "
+                          "'--scaling', 'channel']) == 0")
+    return {"baseline": base, "load": load, "convert": conv, "in_size": src.stat().st_size,
+            "out_size": dst.stat().st_size}
+
+
+def run(quick: bool = False) -> str:
+    preset = "tiny-dev" if quick else "flux-mid"
+    with tempfile.TemporaryDirectory() as d:
+        r = measure(preset, Path(d))
+    base = r["baseline"]
+    conv_bound = GOAL * r["out_size"] + base
+    load_bound = GOAL * r["in_size"] + base
+    rows = [["runtime baseline (imports)", base / MiB, "", ""],
+            ["load_transformer (bf16 file)", r["load"] / MiB, (r["load"] - base) / MiB, load_bound / MiB],
+            ["dev2pro convert -> fp8 channel", r["convert"] / MiB, (r["convert"] - base) / MiB, conv_bound / MiB]]
+    return "\n\n".join([
+        "## d. Peak RSS while loading and converting a mid-size file",
+        f"File: `{preset}` BFL single file in bf16, {r['in_size'] / MiB:.1f} MiB; fp8 output "
+        f"{r['out_size'] / MiB:.1f} MiB. Each row is a fresh process (peak = ru_maxrss). Goal: convert peak <= "
+        "1.2 x output size + runtime baseline.",
+        table(["process", "peak RSS (MiB)", "above baseline (MiB)", "bound (MiB)"], rows),
+        verdict(r["convert"] <= conv_bound, f"convert peak {r['convert'] / MiB:.0f} MiB vs bound "
+                f"{conv_bound / MiB:.0f} MiB; load {r['load'] / MiB:.0f} MiB vs {load_bound / MiB:.0f} MiB."),
+    ])
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))

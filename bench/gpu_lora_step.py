@@ -1,0 +1,157 @@
+"""LoRA train-step speed and peak memory on a real-size Flux transformer on a CUDA GPU (H100/H200), no download.
+
+The FLUX.1-dev architecture (11.9 B parameters) is built with random weights directly on the GPU in bf16 (normal,
+std 0.02 like trained weights); for the fp8 base its block linears are swapped to `dev2pro.fp8.Fp8Linear` (channel
+scales). LoRA rank 16 on the attention targets (`dev2pro.lora.add_lora`, fp32), AdamW, bf16 autocast, gradient
+checkpointing, batch 1, random latents and 512 T5 tokens, at 512 and 1024 px. Variants: bf16 base, fp8 base
+(dequantize + bf16 matmul), and fp8 base with `Fp8Linear.use_scaled_mm` (fp8 tensor cores; `_scaled_mm` has no
+backward, so `Fp8Linear` only takes that path for inputs that need no gradient: recorded as measured).
+For each: steps/s (median of timed steps after warm-up), `torch.cuda.max_memory_allocated`, and plan-memory's estimate.
+
+    .venv/bin/python bench/gpu_lora_step.py --out docs/gpu_lora_step.md          # on the GPU machine
+    .venv/bin/python bench/gpu_lora_step.py --preset tiny-dev --device cpu --steps 2   # dry run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def build(preset: str, base: str, device: str, seed: int = 0):
+    import torch
+
+    from dev2pro import fp8, models
+    from dev2pro.lora import add_lora, lora_parameters
+
+    spec = models.PRESETS[preset]
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    # meta -> cast -> materialise: a 12B model never exists in fp32 on the GPU (that alone would be 47.6 GB)
+    model = models.build_transformer(spec, device="meta").to(dtype).to_empty(device=device)
+    models.init_weights(model, generator=torch.Generator(device=device).manual_seed(seed))
+    if base.startswith("fp8"):
+        fp8.swap_linears_to_fp8(model, "channel")
+        if base == "fp8-scaled-mm":
+            for lin in fp8.fp8_linears(model).values():
+                lin.use_scaled_mm = True
+    add_lora(model, 16, 16, "attention", seed=seed)
+    model.enable_gradient_checkpointing()
+    model.train()
+    return spec, model, lora_parameters(model)
+
+
+def step_fn(spec, model, params, resolution: int, text_len: int, device: str):
+    import torch
+
+    from dev2pro import models
+
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    side = resolution // 8
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = models.pack_latents(torch.randn(1, spec.in_channels // 4, side, side, device=device, generator=g))
+    txt = torch.randn(1, text_len, spec.context_in_dim, device=device, generator=g)
+    pooled = torch.randn(1, spec.vec_in_dim, device=device, generator=g)
+    iid, tid = models.image_ids(side, side, device=device), models.text_ids(text_len, device=device)
+    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                              enabled=device != "cpu")
+
+    def step():
+        t = torch.rand(1, device=device, generator=g)
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        with autocast:
+            v = models.predict(model, xt, t, txt, pooled, iid, tid, guidance=1.0)
+        loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def measure(preset: str, base: str, resolution: int, device: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from dev2pro import plan_memory as pm
+
+    text_len = 512 if preset.startswith("flux") else 16
+    spec, model, params = build(preset, base, device)
+    step = step_fn(spec, model, params, resolution, text_len, device)
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = [], float("nan")
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    job = pm.Job(spec=spec, weight_dtype="fp8" if base.startswith("fp8") else "bf16", autocast=cuda, rank=16,
+                 resolution=resolution, text_len=text_len, gradient_checkpointing=True)
+    est = pm.estimate(job).peak
+    del model, params, step
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"preset": preset, "base": base, "resolution": resolution, "steps_per_s": 1 / statistics.median(times),
+            "peak_bytes": peak, "estimate_bytes": est, "loss": loss}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="flux-dev")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bases", default="bf16,fp8,fp8-scaled-mm")
+    p.add_argument("--resolutions", default="512,1024")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", help="write a markdown table here (and a .json beside it)")
+    a = p.parse_args(argv)
+    if a.device == "cpu" and a.preset.startswith("flux-dev"):
+        p.error("the real-size preset needs a GPU; use --preset tiny-dev for a CPU dry run")
+    rows = []
+    for base in a.bases.split(","):
+        for res in (int(r) for r in a.resolutions.split(",")):
+            try:
+                r = measure(a.preset, base, res, a.device, a.steps, a.warmup)
+            except torch.cuda.OutOfMemoryError as e:  # recorded, not hidden
+                r = {"preset": a.preset, "base": base, "resolution": res, "error": f"OOM: {str(e)[:200]}"}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    dev = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    lines = [f"GPU LoRA step ({dev}, torch {torch.__version__}), `{' '.join(sys.argv)}`", "",
+             "| base | px | steps/s | peak allocated (GiB) | plan-memory estimate (GiB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['base']} | {r['resolution']} | {r['error']} | | |")
+            continue
+        peak = f"{r['peak_bytes'] / 2**30:.2f}" if r["peak_bytes"] is not None else "n/a (cpu)"
+        lines.append(f"| {r['base']} | {r['resolution']} | {r['steps_per_s']:.3f} | {peak} | "
+                     f"{r['estimate_bytes'] / 2**30:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+        Path(a.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

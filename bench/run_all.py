@@ -1,0 +1,67 @@
+"""Run every CPU benchmark side by side and write docs/benchmarks.md (command, machine, date, one section each).
+
+    .venv/bin/python bench/run_all.py            # full sizes (tens of minutes on a 2-core CPU)
+    .venv/bin/python bench/run_all.py --quick    # tiny sizes, a smoke run (results not meaningful)
+
+bench/gpu_lora_step.py is separate: it needs a CUDA GPU (see its docstring).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import common, convert_rss, fp8_error, lora_memory, sampling_speed, train_step  # noqa: E402
+
+BENCHES = [("a", train_step), ("b", lora_memory), ("c", fp8_error), ("d", convert_rss), ("e", sampling_speed)]
+
+GPU_NOTE = """## GPU: `bench/gpu_lora_step.py`
+
+Real-size random-init FLUX.1-dev transformer (no download), LoRA rank 16 on a bf16 base and on an fp8 base (channel
+scales; plus the `torch._scaled_mm` forward where `Fp8Linear.use_scaled_mm` applies), 512 and 1024 px, batch 1,
+gradient checkpointing: steps/s and `torch.cuda.max_memory_allocated`, next to plan-memory's estimate.
+Command: `.venv/bin/python bench/gpu_lora_step.py --out docs/gpu_lora_step.md`.
+**Not run yet**: no H100/H200 was lent to the session that wrote these benchmarks. The script was checked
+on the CPU with `--preset tiny-dev --device cpu --steps 2` (tests/test_bench_smoke.py)."""
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    only = [a for a in argv if not a.startswith("--")]
+    out = REPO / "docs" / "benchmarks.md"
+    for i, a in enumerate(argv):
+        if a == "--out":
+            out = Path(argv[i + 1])
+            only = [x for x in only if x != argv[i + 1]]
+    sections = []
+    for key, mod in BENCHES:
+        if only and key not in only:
+            continue
+        t = time.perf_counter()
+        try:
+            body = mod.run(quick=quick)
+        except Exception:  # a failing bench is reported, not hidden
+            body = f"## {key}. {mod.__name__}\n\nFAILED:\n\n```\n{traceback.format_exc()[-3000:]}\n```"
+        sections.append(body + f"\n\n_({time.perf_counter() - t:.0f} s)_")
+        print(sections[-1], flush=True)
+    head = ["# Benchmarks", "",
+            f"Command: `.venv/bin/python bench/run_all.py{' --quick' if quick else ''}`  ",
+            f"Machine: {common.machine()}  ",
+            f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}", "",
+            "Each goal is stated with its section and reported as measured, met or not. The CPU is shared with other "
+            "jobs, so absolute times are noisy; ratios are measured side by side in one run.", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head) + "\n\n".join(sections + [GPU_NOTE]) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
