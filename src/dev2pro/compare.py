@@ -94,9 +94,12 @@ class Estimate:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def fmt(self, digits: int = 3) -> str:
+    def fmt(self, digits: int | None = None) -> str:
+        """`mean [lo, hi]`, 3 decimals below 10, fewer for larger values (Frechet distances run to thousands)."""
         if not math.isfinite(self.mean):
             return "n/a"
+        if digits is None:
+            digits = 3 if abs(self.mean) < 10 else 2 if abs(self.mean) < 100 else 1
         if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
             return f"{self.mean:.{digits}f}"
         return f"{self.mean:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
