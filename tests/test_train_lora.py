@@ -196,3 +196,21 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
     expect = {"empty": "no images", "captions_only": "caption", "missing_base": "nope.safetensors",
               "unknown_key": "stepz", "wrong_type": "train.steps"}[case]
     assert expect in lines[0]
+
+
+def test_lora_on_an_fp8_base_with_bf16_autocast(tmp_path):
+    """fp32 LoRA on an fp8 file (block linears Fp8Linear, the rest bf16), bf16 autocast: trains and saves."""
+    from dev2pro.checkpoint import save_transformer
+    from dev2pro.models import PRESETS, random_transformer
+
+    base = tmp_path / "fp8.safetensors"
+    save_transformer(random_transformer(PRESETS["tiny-dev"], seed=0, std=0.2), base, format="bfl",
+                     dtype="fp8_e4m3fn", scaling="tensor")
+    cfg = config(tmp_path / "o", 3, train=dict(mixed_precision="bf16"))
+    cfg = dataclasses.replace(cfg, model=T.ModelConfig(base=str(base), dtype="auto"))
+    lora = load_file(str(R.run(cfg, data=toy_data(8))))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.items())
+    with pytest.raises(T.ConfigError, match="mixed_precision"):
+        R.run(dataclasses.replace(cfg, train=T.TrainConfig(steps=1, device="cpu"),
+                                  output=T.LoraOutputConfig(dir=str(tmp_path / "p"))), data=toy_data(8))

@@ -222,6 +222,13 @@ def setup_accelerator(train: TrainConfig, dist: DistributedConfig | None = None)
     cpu = train.device == "cpu" or (train.device == "auto" and not torch.cuda.is_available())
     if train.device == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA GPU is visible (use train.device = 'cpu' or 'auto')")
+    # accelerate keeps its settings in a process-wide singleton: a second recipe in the same Python process (the
+    # demo, tests) with another mixed_precision would be refused. The run's settings are this call's, so reset them
+    # (the process group, in PartialState, is kept).
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     # Frozen base weights never get gradients; DDP's unused-parameter search would cost a graph walk per step.
     return Accelerator(cpu=cpu, mixed_precision=train.mixed_precision,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
@@ -848,12 +855,16 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, *, generator: tor
 
 
 def find_resume(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (`--resume`), or None for a fresh run; a fresh run into a folder that already
+    """The checkpoint to resume from (`--resume`), or None for a fresh run. `--resume` with no complete checkpoint
+    yet (a run stopped before its first save) starts from step 0 with a note; a fresh run into a folder that already
     holds checkpoints is refused so two runs never interleave."""
+    import sys
+
     latest = latest_checkpoint(out_dir)
     if resume:
         if latest is None:
-            raise UserError(f"--resume: no complete checkpoint-<step> folder in {out_dir}")
+            print(f"--resume: no complete checkpoint-<step> folder in {out_dir}: starting from step 0",
+                  file=sys.stderr)
         return latest
     if latest is not None:
         raise UserError(f"{out_dir} already holds {latest.name}; pass --resume to continue it or choose a new "
