@@ -214,3 +214,33 @@ def test_lora_on_an_fp8_base_with_bf16_autocast(tmp_path):
     with pytest.raises(T.ConfigError, match="mixed_precision"):
         R.run(dataclasses.replace(cfg, train=T.TrainConfig(steps=1, device="cpu"),
                                   output=T.LoraOutputConfig(dir=str(tmp_path / "p"))), data=toy_data(8))
+
+
+def test_diffusers_loader_reproduces_the_trained_model(tmp_path, trained_like_base):
+    """Oracle: the diffusers-format LoRA loaded by diffusers' own `load_lora_adapter` into a fresh base gives the
+    output of our trained model as it was in memory (rebuilt from the final checkpoint's raw peft weights)."""
+    from dev2pro.checkpoint import load_transformer
+    from dev2pro.lora import add_lora
+    from dev2pro.models import image_ids, pack_latents, predict, text_ids
+
+    cfg = config(tmp_path / "o", 3, lora=T.LoraConfig(rank=4, alpha=4.0, targets="all-linear"))
+    cfg = dataclasses.replace(cfg, output=T.LoraOutputConfig(dir=str(tmp_path / "o"), format="diffusers",
+                                                             save_every=3),
+                              model=dataclasses.replace(cfg.model, base=str(trained_like_base)))
+    data = toy_data(8)
+    path = R.run(cfg, data=data)
+    ours = load_transformer(trained_like_base)
+    add_lora(ours, 4, 4.0, "all-linear")
+    trained = load_file(str(tmp_path / "o" / "checkpoint-3" / "trainable.safetensors"))
+    missing, unexpected = ours.load_state_dict(trained, strict=False)
+    assert not unexpected and all(".lora_" not in k for k in missing)
+    theirs = load_transformer(trained_like_base)
+    theirs.load_lora_adapter(str(path), prefix="transformer", adapter_name="trained")
+    item = data.dataset[0]
+    x = pack_latents(item["latents"][None])
+    args = (x, torch.tensor([0.6]), item["txt"][None], item["pooled"][None], image_ids(16, 16), text_ids(16), 1.0)
+    with torch.no_grad():
+        v_ours, v_theirs = predict(ours, *args), predict(theirs, *args)
+        v_base = predict(load_transformer(trained_like_base), *args)
+    assert (v_ours - v_base).abs().max() > 1e-2 * v_base.abs().max()  # the LoRA changes the output
+    torch.testing.assert_close(v_theirs, v_ours, rtol=1e-5, atol=1e-5)
