@@ -162,9 +162,12 @@ def test_run_log_csv_drops_rows_after_the_resumed_step(tmp_path):
         log.log(s, {"loss": float(s)})
     log = T.RunLog(tmp_path, True, resume_step=3, tensorboard=False)
     log.log(4, {"loss": 40.0})
+    log.log(5, {"loss": 50.0, "loss/t2": 7.0})  # a new column: earlier rows get empty cells
+    log.log(6, {"loss/t2": 8.0})
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(int(r["step"]), float(r["loss"])) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert [(int(r["step"]), r["loss"], r["loss/t2"]) for r in rows] == [
+        (1, "1.0", ""), (2, "2.0", ""), (3, "3.0", ""), (4, "40.0", ""), (5, "50.0", "7.0"), (6, "", "8.0")]
 
 
 def test_ema_matches_the_recurrence():

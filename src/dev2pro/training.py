@@ -609,8 +609,10 @@ def prepare_output_dir(path: str | Path) -> Path:
 
 
 class RunLog:
-    """Scalars to TensorBoard (`<dir>/tb`) and to a CSV (`<dir>/<name>.csv`), main process only. On resume, rows
-    after the resumed step are dropped so the CSV is one consistent history."""
+    """Scalars to TensorBoard (`<dir>/tb`) and to a CSV (`<dir>/<name>.csv`), main process only. Rows are appended
+    (the file is rewritten only when a new column appears, e.g. the first time a t bucket is seen, so long runs stay
+    cheap); missing values are empty cells. On resume, rows after the resumed step are dropped so the CSV is one
+    consistent history."""
 
     def __init__(self, out_dir: Path, enabled: bool, name: str = "log", resume_step: int | None = None,
                  tensorboard: bool = True):
@@ -618,13 +620,14 @@ class RunLog:
         self.path = out_dir / f"{name}.csv"
         self.writer = None
         self._rows: list[dict] = []
+        self._keys: list[str] = ["step"]
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             with open(self.path, newline="") as f:
-                self._rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
-        else:
-            self._rows = []
+                reader = csv.DictReader(f)
+                self._keys = list(reader.fieldnames or ["step"])
+                self._rows = [r for r in reader if int(float(r["step"])) <= resume_step]
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -632,7 +635,7 @@ class RunLog:
                 self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=resume_step)
             except ImportError:  # tensorboard is a dependency; keep training if an install lacks it
                 self.writer = None
-        self._write()
+        self._rewrite()
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -640,16 +643,20 @@ class RunLog:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
-        self._rows.append({"step": step, **scalars})
-        self._write()
+        row = {"step": step, **scalars}
+        self._rows.append(row)
+        new = [k for k in row if k not in self._keys]
+        if new:
+            self._keys += new
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._keys, restval="").writerow(row)
 
-    def _write(self) -> None:
-        keys: list[str] = []
-        for r in self._rows:
-            keys += [k for k in r if k not in keys]
+    def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys or ["step"])
+            w = csv.DictWriter(f, fieldnames=self._keys, restval="")
             w.writeheader()
             w.writerows(self._rows)
         os.replace(tmp, self.path)
