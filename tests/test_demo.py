@@ -30,7 +30,7 @@ def _judge():
         return C.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
 
 
-TINY = D.DemoPlan(n_base=8, n_style=8, n_reference=6, dedistill_steps=2, lora_steps=4, lora_rank=2, batch_size=4,
+TINY = D.DemoPlan(n_base=8, n_style=8, reference_variants=2, dedistill_steps=2, lora_steps=4, lora_rank=2, batch_size=4,
                   checkpoints=1, prompts=3, seeds=(0, 1), curve_seeds=(0,), sample_steps=2, sweep=(2.0,), bootstrap=5)
 
 
@@ -85,3 +85,22 @@ def test_plan_scaling_and_cli_validation(capsys):
 
     assert cli.main(["demo", "--steps-scale", "0"]) == 2
     assert "--steps-scale" in capsys.readouterr().err
+
+
+def test_reference_renders_the_evaluation_scenes(tmp_path):
+    from PIL import Image
+
+    from dev2pro.toy.world import render
+
+    plan = D.DemoPlan(prompts=2, reference_variants=3)
+    D.write_reference(tmp_path, plan)
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 6
+    scene = D.eval_scenes(plan)[1]
+    assert scene.caption() == D.eval_prompts(plan)[1] and scene.style
+    import numpy as np
+
+    ref = np.asarray(Image.open(files[3]))  # scene 1, variant 0: the same scene up to sub-pixel jitter
+    assert np.abs(ref.astype(int) - render(scene).astype(int)).mean() < 40
+    other = render(D.eval_scenes(plan)[0])
+    assert np.abs(ref.astype(int) - render(scene).astype(int)).mean() < np.abs(ref.astype(int) - other).mean()
