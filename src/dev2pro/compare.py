@@ -684,18 +684,22 @@ def as_images(images):
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-def read_images(folder: str | Path, limit: int = 0, size: tuple[int, int] | None = None):
-    """Images of a folder (sorted by name) as a (n, 3, H, W) float tensor in [-1, 1], resized to `size` (h, w)."""
-    from PIL import Image
-
+def image_files(folder: str | Path, limit: int = 0) -> list[Path]:
+    """The images of a folder, sorted by name, at most `limit` (0 = all)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"metrics.reference: {folder} is not a folder of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if limit > 0:
-        files = files[:limit]
+    files = files[:limit] if limit > 0 else files
     if not files:
         raise UserError(f"metrics.reference: no .png/.jpg/.webp images in {folder}")
+    return files
+
+
+def read_images(files: Sequence[Path], size: tuple[int, int] | None = None):
+    """Image files as a (n, 3, H, W) float tensor in [-1, 1], resized to `size` (h, w)."""
+    from PIL import Image
+
     ims = []
     for f in files:
         im = Image.open(f).convert("RGB")
@@ -703,6 +707,12 @@ def read_images(folder: str | Path, limit: int = 0, size: tuple[int, int] | None
             im = im.resize((size[1], size[0]), Image.BICUBIC)
         ims.append(im)
     return as_images(ims)
+
+
+def reference_features(judge: Judge, folder: str | Path, limit: int, size: tuple[int, int], chunk: int = 32):
+    """Judge features of the reference images, read `chunk` at a time (1024 px references would not fit at once)."""
+    files = image_files(folder, limit)
+    return np.concatenate([judge.features(read_images(files[i: i + chunk], size)) for i in range(0, len(files), chunk)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1221,8 +1231,8 @@ def run_compare(cfg: CompareConfig, toolkit: Toolkit | None = None, root: str | 
     if judge is not None and cfg.metrics.reference:
         ref_dir = Path(cfg.metrics.reference)
         ref_dir = root / ref_dir if root is not None and not ref_dir.is_absolute() else ref_dir
-        ref = read_images(ref_dir, cfg.metrics.reference_limit, (cfg.sampling.height, cfg.sampling.width))
-        ref_features = judge.features(ref)
+        ref_features = reference_features(judge, ref_dir, cfg.metrics.reference_limit,
+                                          (cfg.sampling.height, cfg.sampling.width))
         if hasattr(judge, "set_reference"):
             judge.set_reference(ref_features)
     jobs = plan_jobs(cfg, checkpoints)
