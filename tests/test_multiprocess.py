@@ -1,9 +1,10 @@
-"""Data-parallel equality on CPU with 2 processes (gloo): DDP and FSDP2 through accelerate, launched by torchrun.
+"""Data-parallel equality on CPU with 2 processes (gloo): DDP and FSDP2, launched by torchrun.
 
-Per-process batch b over 2 processes must match 1 process with batch 2b (same seed, same data) in loss trajectory
-within float tolerance: the sampler gives rank r the items [r b, (r + 1) b) of each global batch and the objective's
-noise, times and dropout are drawn for the global batch (see dev2pro.training). A checkpoint written by 2 processes
-must resume in 1. The same file is the worker script (`python tests/test_multiprocess.py --worker ...`).
+Per-process batch b over 2 processes must match 1 process with batch 2b (same seed, same data; 2 accumulated
+micro-batches per step, so DDP's no_sync path runs too) in loss trajectory within float tolerance: the sampler gives
+rank r the items [r b, (r + 1) b) of each global batch and the objective's noise, times and dropout are drawn for the
+global batch (see dev2pro.training). A checkpoint written by 2 processes must resume in 1. The same file is the
+worker script (`python tests/test_multiprocess.py --worker ...`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _worker(out: str, strategy: str, batch: int, steps: int, save_every: int, re
                        prompts=T.encode_prompts(text, []))
     cfg = dedistill.DedistillConfig(
         model=T.ModelConfig(base="preset:tiny-dev@0"),
-        train=T.TrainConfig(steps=steps, batch_size=batch, lr=2e-3, device="cpu", timestep_sampling="uniform"),
+        train=T.TrainConfig(steps=steps, batch_size=batch, grad_accum=2, lr=2e-3, device="cpu",
+                            timestep_sampling="uniform"),
         output=T.OutputConfig(dir=out, name="model", dtype="fp32", save_every=save_every, keep_last=5),
         distributed=T.DistributedConfig(strategy=strategy))
     dedistill.run(cfg, resume=resume, data=data)

@@ -205,6 +205,36 @@ def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch)
     assert has_guidance_embed(load_transformer(final))
 
 
+def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from dev2pro.recipes import dedistill
+
+    def cfg(out):
+        return dedistill.DedistillConfig(
+            model=T.ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(4, grad_accum=2, lr_schedule="cosine"),
+            output=T.OutputConfig(dir=str(out), dtype="fp32", save_every=2),
+            ema=T.EmaConfig(enabled=True, decay=0.7))
+
+    full = dedistill.run(cfg(tmp_path / "a"), data=toy_data(16))
+    real, calls = T.set_lr, {"n": 0}
+
+    def crash_at_step_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "set_lr", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        dedistill.run(cfg(tmp_path / "b"), data=toy_data(16))
+    monkeypatch.setattr(T, "set_lr", real)
+    resumed = dedistill.run(cfg(tmp_path / "b"), resume=True, data=toy_data(16))
+    a, b = load_file(str(full)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "ema::x_embedder.weight" in load_file(str(tmp_path / "b" / "checkpoint-4" / "extra.safetensors"))
+
+
 def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
     from dev2pro.recipes import dedistill
 
