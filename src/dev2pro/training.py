@@ -162,13 +162,14 @@ def _check_output(o) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
-    embedding (models that have one); `cfg` > 1 runs true CFG with `negative`."""
+    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.sampling`); `cfg` != 1
+    runs true CFG with `negative`."""
 
     every: int = 0
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     steps: int = 20
-    guidance: float = 3.5
+    guidance: float | None = None
     cfg: float = 1.0
     negative: str = ""
     width: int = 512
