@@ -213,7 +213,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 
 
-def setup_accelerator(train: TrainConfig, dist: DistributedConfig | None = None):
+def setup_accelerator(train: TrainConfig):
     """An `accelerate.Accelerator` for this run: process group (gloo on CPU, nccl on GPUs) when launched with several
     processes (`accelerate launch`, `torchrun`), device placement, bf16 autocast or none. The model is distributed
     afterwards by `distribute` (DDP through accelerate, or FSDP2)."""
@@ -297,7 +297,7 @@ def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path
 
 
 def full_model(accelerator, model) -> torch.nn.Module | None:
-    """A plain CPU copy-free view of the trained model for export: the unwrapped module for one process or DDP;
+    """The trained model as a plain module for export: the unwrapped module itself for one process or DDP;
     under FSDP2 the full weights are gathered into a fresh CPU module on the main process (None elsewhere).
     Collective: call on every rank."""
     if not is_fsdp(model):
@@ -512,7 +512,7 @@ def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise KeyError(f"a collated batch needs 'latents', 'txt' and 'pooled'; it has {sorted(batch)}") from e
 
 
-def infinite_batches(data: TrainData, steps_done_hint: int = 0) -> Iterator[dict]:
+def infinite_batches(data: TrainData) -> Iterator[dict]:
     """Collated batches forever, epoch after epoch. The sampler owns the order and position (its state_dict is
     saved in checkpoints); starting a new epoch is its job when iterated again."""
     while True:
@@ -878,20 +878,6 @@ def find_resume(out_dir: Path, resume: bool) -> Path | None:
         raise UserError(f"{out_dir} already holds {latest.name}; pass --resume to continue it or choose a new "
                         "output.dir")
     return None
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors file written to a temp name then renamed; a full disk raises one line."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space and retry") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

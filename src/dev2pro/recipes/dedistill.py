@@ -45,7 +45,7 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
     from dev2pro.models import has_guidance_embed
 
     # ---- setup
-    acc = T.setup_accelerator(cfg.train, cfg.distributed)
+    acc = T.setup_accelerator(cfg.train)
     out = T.prepare_output_dir(cfg.output.dir)
     resume_from = T.find_resume(out, resume)
     data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
