@@ -27,9 +27,13 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from pathlib import Path
 
-    from dev2pro.compare import load_compare_config, run_compare
+    import torch
+
+    from dev2pro.compare import idle_cpu_threads, load_compare_config, run_compare
 
     cfg = load_compare_config(args.config, args.overrides)
+    if cfg.models.device == "cpu" or (cfg.models.device == "auto" and not torch.cuda.is_available()):
+        torch.set_num_threads(idle_cpu_threads())  # small CPU models: threads on busy cores cost many times over
     # Relative paths in the config resolve against the working directory, like every other command.
     res = run_compare(cfg)
     out = Path(cfg.output.dir)

@@ -32,20 +32,15 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    import os
-
     import torch
 
+    from dev2pro.compare import idle_cpu_threads
     from dev2pro.demo import DemoPlan, run_demo
     from dev2pro.errors import UserError
 
     if args.steps_scale <= 0:
         raise UserError(f"--steps-scale must be > 0, got {args.steps_scale}")
-    # The toy models are small: extra threads only help on idle cores, and on busy ones they cost many times over
-    # (measured: a 2.3M-parameter Flux step 13x slower with 2 threads than with 1 on 2 cores under load 7).
-    cores = os.cpu_count() or 1
-    idle = int(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
-    torch.set_num_threads(args.threads or max(1, min(cores, idle)))
+    torch.set_num_threads(args.threads or idle_cpu_threads())  # the toy models are small: see idle_cpu_threads
     plan = (DemoPlan.full() if args.full else DemoPlan.quick()).scaled(args.steps_scale)
     res = run_demo(args.out, plan, full=args.full, dev=args.dev)
     print()
