@@ -109,7 +109,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     ck = tmp_path / "b" / "checkpoint-6"
-    assert {"trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "sampler.json", "config.toml",
+    assert {"trainable.safetensors", "optimizer.safetensors", "rng-0.safetensors", "sampler-0.json", "config.toml",
             "state.json"} <= {p.name for p in ck.iterdir()}
 
 
@@ -244,3 +244,23 @@ def test_diffusers_loader_reproduces_the_trained_model(tmp_path, trained_like_ba
         v_base = predict(load_transformer(trained_like_base), *args)
     assert (v_ours - v_base).abs().max() > 1e-2 * v_base.abs().max()  # the LoRA changes the output
     torch.testing.assert_close(v_theirs, v_ours, rtol=1e-5, atol=1e-5)
+
+
+def test_train_lora_streams_a_shard_folder_and_resumes(tmp_path, capsys):
+    """data.dir may be a `dev2pro cache` shard folder: streamed per rank, monitor probe from the first shard,
+    per-rank stream position in the checkpoint."""
+    import json
+
+    from dev2pro.cli import main
+    from dev2pro.toy.world import write_dataset
+
+    images = write_dataset(tmp_path / "images", 12, seed=0)
+    assert main(["cache", str(images), str(tmp_path / "shards"), "--resolution", "32", "--shard-size", "4"]) == 0
+    args = ["train-lora", str(ROOT / "configs" / "tiny-cpu.toml"), f"data.dir={tmp_path / 'shards'}",
+            f"output.dir={tmp_path / 'o'}", "train.steps=4", "output.save_every=2", "sample.every=0",
+            "monitor.every=2", "train.batch_size=2"]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    state = json.loads((tmp_path / "o" / "checkpoint-4" / "sampler-0.json").read_text())
+    assert state["batch_size"] == 2 and {"epoch", "shard_pos", "batch_pos"} <= set(state)
+    assert main([*args[:-2], "train.steps=6", "train.batch_size=2", "--resume"]) == 0
+    assert T.latest_checkpoint(tmp_path / "o").name == "checkpoint-6"

@@ -13,8 +13,9 @@ Metrics (relative L2 norms over the whole probe batch, so they are comparable ac
   predictions moved from the starting model (for models without a guidance embedding: one `monitor/drift`).
 
 The probe set is fixed at construction: the first `probe_size` cached items of one bucket (their latents and text
-embeddings), noise from `monitor.seed`, times cycling through `t_values`. The starting model's outputs are computed
-once then and kept (no second model in memory). Logged to TensorBoard (the run's writer) and `monitor.csv`.
+embeddings; with a shard stream, the first items of the largest shard), noise from `monitor.seed`, times cycling
+through `t_values`. The starting model's outputs are computed once then and kept (no second model in memory).
+Logged to TensorBoard (the run's writer) and `monitor.csv`.
 Pitfall: under FSDP2 the probe forward is collective, so every rank calls `log_probe`.
 """
 
@@ -52,6 +53,10 @@ class GuidanceProbe:
         from dev2pro.models import has_guidance_embed, image_ids, pack_latents, text_ids
 
         ds = data.dataset
+        if ds is None:  # a shard stream: a fixed batch of one bucket read at setup
+            b = data.probe_batch
+            ds = [{"latents": b["latents"][i], "txt": b["txt"][i], "pooled": b["pooled"][i]}
+                  for i in range(b["latents"].shape[0])]
         first = ds[0]
         shape = tuple(first["latents"].shape)
         items = []

@@ -475,19 +475,30 @@ class TrainData:
     (P,))`; must hold the empty prompt ""), optionally the autoencoder (to decode samples). `bind` makes the
     rank-aware bucket batch sampler once the process layout is known."""
 
-    dataset: Any
+    dataset: Any = None
     prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     autoencoder: Any = None  # kept only when samples are decoded during training
     info: dict[str, Any] = field(default_factory=dict)
     shuffle: bool = True
     sampler: Any = None
     collate: Any = None
+    shards: Path | None = None  # a `dev2pro cache` shard folder, streamed rank by rank instead of `dataset`
+    probe_batch: dict | None = None  # a few items of one bucket for the monitor when there is no `dataset`
 
     def bind(self, accelerator, batch_size: int, seed: int) -> TrainData:
+        """Make this process's batch source: a `BucketBatchSampler` over `dataset` (global batches split by rank),
+        or a `ShardStream` over `shards` (whole shards per rank)."""
         from dev2pro.cache import BucketBatchSampler, collate
 
         if "" not in self.prompts:
             raise ValueError("TrainData.prompts must hold the empty prompt '' (the unconditional embedding)")
+        if self.shards is not None:
+            from dev2pro.shards import ShardStream
+
+            self.sampler = ShardStream(self.shards, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes, seed=seed, batch_size=batch_size,
+                                       shuffle=self.shuffle)
+            return self
         self.sampler = BucketBatchSampler(self.dataset, batch_size=batch_size, seed=seed,
                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                                           shuffle=self.shuffle)
@@ -514,7 +525,10 @@ def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def infinite_batches(data: TrainData) -> Iterator[dict]:
     """Collated batches forever, epoch after epoch. The sampler owns the order and position (its state_dict is
-    saved in checkpoints); starting a new epoch is its job when iterated again."""
+    saved in checkpoints); starting a new epoch is its job when iterated again. A shard stream is endless itself."""
+    if data.shards is not None:
+        yield from data.sampler
+        return
     while True:
         empty = True
         for indices in data.sampler:
@@ -537,6 +551,8 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if (Path(data_cfg.dir) / "dataset.json").is_file():
+        return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
     with accelerator.main_process_first():
         autoencoder = components.load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
         index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
@@ -554,6 +570,30 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     return TrainData(dataset=dataset, prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle,
                      info={"dataset_size": len(dataset), "images": len(index.items),
                            "resolution": data_cfg.resolution})
+
+
+def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: list[str],
+                 keep_autoencoder: bool) -> TrainData:
+    """`data.dir` is a shard folder written by `dev2pro cache`: stream it; only the text encoder is loaded (for the
+    prompt embeddings, checked against the encoder that made the shards) and the autoencoder if samples are decoded."""
+    from dev2pro import components
+    from dev2pro.errors import DataError
+    from dev2pro.shards import ShardStream, read_info
+
+    info = read_info(data_cfg.dir)
+    text_encoder = components.load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+    if text_encoder.identity != info["text"]:
+        raise DataError(f"{data_cfg.dir}: the shards were encoded with text encoder {info['text']}, [model] t5/clip "
+                        f"give {text_encoder.identity}: use the same encoders or rebuild the shards")
+    embeddings = encode_prompts(text_encoder, prompts)
+    components.free(text_encoder)
+    autoencoder = None
+    if keep_autoencoder:
+        autoencoder = components.load_autoencoder(model_cfg.autoencoder, device="cpu", dtype=torch.float32)
+    first = min(info["shards"], key=lambda sh: -sh["count"])
+    probe = next(iter(ShardStream(data_cfg.dir, seed=0, batch_size=min(8, first["count"]), shuffle=False)))
+    return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, shards=Path(data_cfg.dir),
+                     probe_batch=probe, info={"dataset_size": info["items"], "resolution": info["resolution"]})
 
 
 def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, accelerator, train: TrainConfig,
@@ -796,6 +836,7 @@ def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, 
         rng_t, rng_meta = rng_state(generator)
         save_file(rng_t, str(tmp / f"rng-{rank}.safetensors"))
         (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
+        (tmp / f"sampler-{rank}.json").write_text(json.dumps(sampler.state_dict() if sampler is not None else None))
         if accelerator.is_main_process:
             save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "trainable.safetensors"))
             opt_t, opt_meta = _flatten_optim(osd)
@@ -804,7 +845,6 @@ def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, 
             if extra_tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                           str(tmp / "extra.safetensors"))
-            (tmp / "sampler.json").write_text(json.dumps(sampler.state_dict() if sampler is not None else None))
             (tmp / "config.toml").write_text(config_toml)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -854,7 +894,7 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, *, generator: tor
         rank, rank_file = 0, path / "rng-0.safetensors"
     set_rng_state(load_file(str(rank_file)), json.loads((path / f"rng-{rank}.json").read_text()), generator)
     if sampler is not None:
-        sampler_state = json.loads((path / "sampler.json").read_text())
+        sampler_state = json.loads((path / f"sampler-{rank}.json").read_text())
         if sampler_state is not None:
             sampler.load_state_dict(sampler_state)
     extra = path / "extra.safetensors"
