@@ -1031,9 +1031,11 @@ def plot_lines(cfg: CompareConfig, series: dict, xlabel: str, path: Path) -> Pat
         return None
     colours = {"": "0.4"} | {x.name: f"C{i}" for i, x in enumerate(cfg.loras)}  # colour: the LoRA
     styles = {b.name: ("-", "--", ":", "-.")[i % 4] for i, b in enumerate(cfg.bases)}  # line style: the base
+    lorder = {x.name: i for i, x in enumerate(cfg.loras)} | {"": -1}
+    border = {b.name: i for i, b in enumerate(cfg.bases)}
     fig, axes, spare = _panels(len(metrics))
     for ax, m in zip(axes, metrics):
-        for (lora, base), pts in series[m.key].items():
+        for (lora, base), pts in sorted(series[m.key].items(), key=lambda kv: (border[kv[0][1]], lorder[kv[0][0]])):
             pts = finite(pts)
             if len(pts) < 2:
                 continue
