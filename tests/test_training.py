@@ -247,3 +247,14 @@ def test_monitor_lora_guidance_response_on_toy_dev(tmp_path):
         moves[g] = abs(r1 - r0) / r0
         print(f"toy:dev, LoRA at g={g}: guidance response {r0:.4f} -> {r1:.4f}")
     assert min(moves.values()) > 0.02, moves
+
+
+def test_load_model_dtypes():
+    from dev2pro.fp8 import Fp8Linear
+
+    m = T.load_model("preset:tiny-dev@0", "fp8", "cpu")
+    fp8 = [mod for mod in m.modules() if isinstance(mod, Fp8Linear)]
+    assert fp8 and all(mod.weight.dtype == torch.float8_e4m3fn for mod in fp8)
+    assert m.x_embedder.weight.dtype == torch.bfloat16  # embedders stay high precision
+    assert T.load_model("preset:tiny-dev@0", "bf16", "cpu").x_embedder.weight.dtype == torch.bfloat16
+    assert T.load_model("preset:tiny-dev@0", "auto", "cpu").x_embedder.weight.dtype == torch.float32

@@ -279,10 +279,17 @@ def accumulation_context(accelerator, model, last_micro_step: bool):
 
 
 def load_model(ref: str, dtype: str, device) -> torch.nn.Module:
-    """`dev2pro.checkpoint.load_transformer` with the config's dtype names ("auto" keeps the file's dtype)."""
+    """`dev2pro.checkpoint.load_transformer` with the config's dtype names: "auto" keeps the file's storage (an fp8
+    file stays fp8), "fp32"/"bf16" load everything in that dtype, "fp8" loads in bf16 and stores the block linears
+    in float8_e4m3fn with per-tensor scales (`dev2pro.fp8`), e.g. to train on a bf16 dev file in fp8 memory."""
     from dev2pro.checkpoint import load_transformer
 
-    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[dtype]
+    if dtype == "fp8":
+        from dev2pro.fp8 import swap_linears_to_fp8
+
+        model = load_transformer(ref, dtype=torch.bfloat16, device="cpu")
+        return swap_linears_to_fp8(model, scaling="tensor").to(device)
+    torch_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     return load_transformer(ref, dtype=torch_dtype, device=device)
 
 
