@@ -51,8 +51,9 @@ class ModelConfig:
 
     `base`: anything `dev2pro.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
     `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
-    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file); the compute
-    dtype is decided in one place, `train.mixed_precision`.
+    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file, "fp8" =
+    block linears quantized on load, see `load_model`); the compute dtype is decided in one place,
+    `train.mixed_precision`.
     """
 
     base: str
