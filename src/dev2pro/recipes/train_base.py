@@ -64,6 +64,9 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None 
     from dev2pro.models import has_guidance_embed
 
     # ---- setup
+    if cfg.model.dtype not in ("auto", "fp32"):
+        raise ConfigError(f"model.dtype = '{cfg.model.dtype}': a full fine-tune keeps fp32 master weights; use "
+                          "train.mixed_precision = 'bf16' for bf16 compute")
     acc = T.setup_accelerator(cfg.train)
     out = T.prepare_output_dir(cfg.output.dir)
     resume_from = T.find_resume(out, resume)
