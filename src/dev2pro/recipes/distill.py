@@ -113,7 +113,7 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
         student = student_from_teacher(teacher, cfg.distill.teacher_guidance)
     teacher_has_g = has_guidance_embed(teacher)
     teacher.requires_grad_(False).eval()
-    if cfg.distill.teacher_fp8:
+    if cfg.distill.teacher_fp8 or cfg.model.dtype == "fp8":  # model.dtype: the frozen teacher's storage
         from dev2pro.fp8 import swap_linears_to_fp8
 
         swap_linears_to_fp8(teacher, scaling="tensor")
