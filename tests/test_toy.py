@@ -178,3 +178,21 @@ def test_shipped_toy_models_load(name):
     spec = PRESETS[f"toy-{name}"]
     assert model.config.in_channels == spec.in_channels
     assert asset_path("toy.json").exists()
+
+
+def test_shipped_toy_models_follow_prompts(judge):
+    if not model_path("dev", must_exist=False).exists():
+        pytest.skip("toy models not built yet (dev2pro toy build)")
+    from dev2pro.checkpoint import load_transformer
+    from dev2pro.sampling import generate
+
+    _, captions, _ = world.make_batch(16, seed=31337)
+    ae, text = world.ToyAutoencoder(), world.ToyTextEncoder()
+    kw = dict(height=world.IMAGE_SIZE, width=world.IMAGE_SIZE, steps=12, seeds=[0], batch_size=16, progress=False)
+    dev = load_transformer("toy:dev", dtype=torch.float32)
+    pro = load_transformer("toy:pro", dtype=torch.float32)
+    dev_imgs = generate(dev, ae, text, captions, guidance=3.5, **kw)
+    pro_imgs = generate(pro, ae, text, captions, cfg=4.0, **kw)
+    for imgs in (dev_imgs, pro_imgs):
+        s = judge.score(imgs, captions)
+        assert s["adherence"].mean() > 0.8 and s["style"].mean() < 0.2
