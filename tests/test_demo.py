@@ -76,6 +76,10 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
 
 
 def test_plan_scaling_and_cli_validation(capsys):
+    for steps, n in ((250, 2), (300, 3), (7, 2), (4, 1)):  # n intermediate checkpoints, then the final step
+        q = D.DemoPlan(lora_steps=steps, checkpoints=n)
+        saved = [s for s in range(1, steps + 1) if s % q.save_every() == 0 and s < steps] + [steps]
+        assert len(saved) == n + 1 and q.keep_last() >= len(saved), (steps, n, saved)
     p = D.DemoPlan().scaled(0.01)
     assert p.dedistill_steps == max(2, round(D.DemoPlan().dedistill_steps * 0.01)) and p.lora_steps >= 2
     assert D.DemoPlan.full().seeds != D.DemoPlan.quick().seeds

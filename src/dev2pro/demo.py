@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import time
 import typing
@@ -50,9 +51,9 @@ class DemoPlan:
     n_base: int = 1024  # plain generator images for de-distillation
     n_style: int = 64  # styled images for the LoRA
     reference_variants: int = 8  # reference renderings per evaluation prompt (jitter variants), for the FD
-    dedistill_steps: int = 300
-    dedistill_lr: float = 1e-4
-    lora_steps: int = 150  # a rank-8 LoRA learns the zxq style in ~100-150 steps (judge P(style) 0.13 -> 0.99)
+    dedistill_steps: int = 500
+    dedistill_lr: float = 2e-4
+    lora_steps: int = 250  # a rank-8 LoRA learns the zxq style in ~100-150 steps (judge P(style) 0.13 -> 0.99)
     lora_lr: float = 1e-3
     lora_rank: int = 8
     lora_targets: str = "all-linear"
@@ -83,7 +84,11 @@ class DemoPlan:
                                    lora_steps=max(2, round(self.lora_steps * scale)))
 
     def save_every(self) -> int:
-        return max(1, self.lora_steps // (self.checkpoints + 1)) if self.checkpoints > 0 else 0
+        """LoRA checkpoint interval: `checkpoints` intermediate ones, then the final step."""
+        return max(1, math.ceil(self.lora_steps / (self.checkpoints + 1))) if self.checkpoints > 0 else 0
+
+    def keep_last(self) -> int:
+        return max(1, self.lora_steps // self.save_every() + 1) if self.checkpoints > 0 else 1
 
 
 def _recipe_config_class(module):
@@ -233,7 +238,7 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
             "lora": {"rank": plan.lora_rank, "alpha": float(plan.lora_rank), "targets": plan.lora_targets},
             "data": _data_section(data / "style"),
             "output": {"dir": str(out / f"lora-{name}"), "name": f"style-{name}", "save_every": plan.save_every(),
-                       "keep_last": max(1, plan.checkpoints + 1)},
+                       "keep_last": plan.keep_last()},
         }, configs / f"lora-{name}.toml")
         timings[f"LoRA {name}"] = time.perf_counter() - t0
 
