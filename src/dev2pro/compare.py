@@ -927,6 +927,9 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
             and r.job.seeds == s.seeds and r.job.prompts == s.prompts]
     if not rows:
         return None
+    lorder = {x.name: i for i, x in enumerate(cfg.loras)}
+    border = {b.name: i for i, b in enumerate(cfg.bases)}
+    rows.sort(key=lambda r: (border[r.job.base], -1 if r.job.lora is None else lorder[r.job.lora]))
     cols = sorted(set().union(*[set(r.images) for r in rows]))
     sample = next(iter(rows[0].images.values()))
     h, w = int(sample.shape[-2]) * s.grid_scale, int(sample.shape[-1]) * s.grid_scale
