@@ -241,10 +241,11 @@ def test_compare_with_fakes_writes_report_and_right_numbers(tmp_path):
     from PIL import Image
 
     grid = Image.open(out / "grid.png").convert("RGB")
-    # rows: 3 x 2 cells at main guidance (last: weak LoRA on pro); columns: 2 prompts x 2 seeds (last: seed 1);
+    # rows: 3 x 2 cells at main guidance in configured order (last: the strong LoRA on pro); columns: 2 prompts x
+    # 2 seeds (last: seed 1);
     # tiles of 8 px x grid_scale 3 plus 4 px padding, below the header and right of the row labels
     assert grid.width > 4 * 28 and 6 * 28 < grid.height < 6 * 28 + 100
-    r, g, b = (round((v + 1) * 127.5) for v in (0.0 + 0.3, 3.0 / 10, 0.01 * 1))
+    r, g, b = (round((v + 1) * 127.5) for v in (0.0 + 0.6, 3.0 / 10, 0.01 * 1))
     assert grid.getpixel((grid.width - 4 - 2, grid.height - 4 - 2)) == (r, g, b)
 
 
