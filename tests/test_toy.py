@@ -10,6 +10,16 @@ from dev2pro.toy import world
 from dev2pro.toy.assets import asset_path, model_path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread for these tests: on this shared 2-core machine two threads made sampling the toy models
+    ~25x slower (17 s vs 0.6 s for 16 images), the threads waiting for each other while other processes run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_generator_is_deterministic_per_item():
     a = world.make_batch(8, seed=3)
     b = world.make_batch(8, seed=3)
@@ -196,3 +206,15 @@ def test_shipped_toy_models_follow_prompts(judge):
     for imgs in (dev_imgs, pro_imgs):
         s = judge.score(imgs, captions)
         assert s["adherence"].mean() > 0.8 and s["style"].mean() < 0.2
+
+
+def test_toy_cli_data_and_info(tmp_path, capsys):
+    from dev2pro.cli import main
+
+    assert main(["toy", "data", str(tmp_path / "d"), "--n", "2", "--style", "--seed", "5"]) == 0
+    assert (tmp_path / "d" / "00001.txt").read_text().strip() == world.scene(5, 1, style=True).caption()
+    assert main(["toy", "data", str(tmp_path / "e"), "--n", "0"]) == 2  # one-line user error
+    assert "--n 0" in capsys.readouterr().err
+    if asset_path("toy.json", must_exist=False).exists():
+        assert main(["toy", "info"]) == 0
+        assert "adherence" in capsys.readouterr().out
