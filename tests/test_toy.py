@@ -218,3 +218,25 @@ def test_toy_cli_data_and_info(tmp_path, capsys):
     if asset_path("toy.json", must_exist=False).exists():
         assert main(["toy", "info"]) == 0
         assert "adherence" in capsys.readouterr().out
+
+
+def test_build_pipeline_smoke(tmp_path):
+    """The whole build (data -> train-base -> distill -> judge eval -> install) with tiny step counts."""
+    import json
+
+    from dev2pro.toy.build import BuildSettings, build
+
+    s = BuildSettings(n_images=8, pro_steps=2, pro_batch=4, distill_steps=2, distill_batch=4, eval_prompts=2,
+                      eval_seeds=1, eval_steps=2)
+    meta = build(tmp_path / "work", s, install_to=tmp_path / "assets", progress=False)
+    assert (tmp_path / "work" / "data" / "00007.txt").exists()
+    installed = sorted(p.name for p in (tmp_path / "assets").iterdir())
+    assert installed == ["toy-dev.safetensors", "toy-pro.safetensors", "toy.json"]
+    saved = json.loads((tmp_path / "assets" / "toy.json").read_text())
+    assert saved["settings"]["pro_steps"] == 2 and set(saved["eval"]) >= {"pro_cfg4", "dev_g3.5"}
+    assert 0.0 <= meta["eval"]["dev_g3.5"]["adherence"] <= 1.0
+    from dev2pro.checkpoint import load_transformer
+    from dev2pro.models import has_guidance_embed
+
+    assert has_guidance_embed(load_transformer(tmp_path / "assets" / "toy-dev.safetensors"))
+    assert not has_guidance_embed(load_transformer(tmp_path / "assets" / "toy-pro.safetensors"))
