@@ -66,15 +66,17 @@ def test_mean_ci_is_the_t_interval():
     assert C.mean_ci([2.0, float("nan"), 4.0]).mean == 3.0  # nan values are dropped
 
 
-def test_bootstrap_ci_of_the_mean_matches_the_normal_interval():
-    x = np.random.default_rng(1).normal(2.0, 1.0, 400)
-    e = C.bootstrap_ci(len(x), lambda idx: x[idx].mean(), n_boot=2000, level=0.95, seed=3)
-    half = 1.959964 * x.std(ddof=1) / math.sqrt(len(x))
-    assert e.mean == pytest.approx(x.mean())
-    assert e.lo == pytest.approx(x.mean() - half, abs=0.15 * half)
-    assert e.hi == pytest.approx(x.mean() + half, abs=0.15 * half)
-    assert C.bootstrap_ci(len(x), lambda idx: x[idx].mean(), 50, seed=3) == C.bootstrap_ci(
-        len(x), lambda idx: x[idx].mean(), 50, seed=3)
+def test_jackknife_of_the_mean_is_the_t_interval():
+    x = np.random.default_rng(1).normal(2.0, 1.0, 40)
+    e = C.jackknife_ci(len(x), lambda idx: x[idx].mean(), 0.95)
+    t = C.mean_ci(x, 0.95)
+    assert e.mean == pytest.approx(t.mean) and e.lo == pytest.approx(t.lo) and e.hi == pytest.approx(t.hi)
+    # a nonlinear statistic: the plug-in variance; jackknife se^2 = (n-1)/n sum (v_(i) - v_.)^2 by definition
+    v = lambda idx: x[idx].var()  # noqa: E731
+    loo = np.array([x[np.arange(40) != i].var() for i in range(40)])
+    se = math.sqrt(39 / 40 * ((loo - loo.mean()) ** 2).sum())
+    e = C.jackknife_ci(40, v, 0.95)
+    assert e.hi - e.mean == pytest.approx(C.student_t_ppf(0.975, 39) * se) and e.mean == pytest.approx(x.var())
 
 
 def test_pairwise_diversity():
@@ -183,7 +185,7 @@ def _config(tmp_path, **over):
                   for n in LORA_RED],
         "sampling": {"prompts": ["a", "b", "c"], "seeds": [0, 1], "steps": 2, "height": 8, "width": 8,
                      "batch_size": 4, "grid_prompts": 2},
-        "metrics": {"reference": "ref", "bootstrap": 20},
+        "metrics": {"reference": "ref"},
         "claim": {"lora": "strong", "base": "dev"},
         "output": {"dir": "out"},
     }
@@ -316,7 +318,7 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
         "sampling": {"prompts": ["a red circle, in zxq style", "a blue square"], "seeds": [0, 1], "steps": 2,
                      "batch_size": 4},
         "models": {"device": "cpu"},
-        "metrics": {"reference": "ref", "bootstrap": 10},
+        "metrics": {"reference": "ref"},
         "claim": {"lora": "b", "base": "dev"},
         "output": {"dir": "out"},
     })

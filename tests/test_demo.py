@@ -31,7 +31,7 @@ def _judge():
 
 
 TINY = D.DemoPlan(n_base=8, n_style=8, reference_variants=2, dedistill_steps=2, lora_steps=4, lora_rank=2, batch_size=4,
-                  checkpoints=1, prompts=3, seeds=(0, 1), curve_seeds=(0,), sample_steps=2, sweep=(2.0,), bootstrap=5)
+                  checkpoints=1, prompts=3, seeds=(0, 1), curve_seeds=(0,), sample_steps=2, sweep=(2.0,))
 
 
 def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):

@@ -16,10 +16,11 @@ What it runs (`dev2pro compare CONFIG.toml`):
 
 Statistics (stated in the report): per-image metrics (style, adherence, score) use the Student-t interval over the
 images of the cell (prompts x seeds); diversity uses the Student-t interval over prompts; the Frechet distance is a
-set statistic, its interval is the percentile bootstrap over generated images (reference set fixed). Pitfall: images
-of one prompt across seeds are not independent draws of the cell's population, so the t-intervals are somewhat
-narrow when prompts are few; the bootstrap FD interval sits above the full-set value because resampling with
-replacement duplicates images (it measures spread, not bias).
+set statistic, its interval is the delete-one jackknife over generated images (reference set fixed), centred on the
+full-set value. Pitfalls: images of one prompt across seeds are not independent draws of the cell's population, so
+the t-intervals are somewhat narrow when prompts are few; a percentile bootstrap of the Frechet distance would sit
+above the full-set value (resampling duplicates images, which inflates the distance), hence the jackknife; Frechet
+distances from few images are biased upwards, so compare cells with equal image counts only.
 
 The heavy parts (loading bases, encoders, LoRAs, sampling, the judge) sit behind `Toolkit`; `FluxToolkit` wires the
 project's own modules and tests pass small fakes. Outputs: `report.md`, `results.json`, `grid.png`, `bars.png`,
@@ -123,22 +124,21 @@ def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> Estima
     return Estimate(m, m - half, m + half, n, "t")
 
 
-def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], n_boot: int = 200, level: float = 0.95,
-                 seed: int = 0) -> Estimate:
-    """Percentile bootstrap of `statistic(indices)` over `n` items resampled with replacement; `mean` is the statistic
-    on all items (indices 0..n-1)."""
+def jackknife_ci(n: int, statistic: Callable[[np.ndarray], float], level: float = 0.95) -> Estimate:
+    """Delete-one jackknife: `mean` is the statistic on all items, the interval `mean +- t_{(1+level)/2, n-1} * se`
+    with `se^2 = (n - 1) / n * sum_i (theta_(i) - theta_(.))^2`. For the sample mean it is exactly the t-interval.
+    Used for the Frechet distance: centred on the full-set value, unlike a resampling bootstrap whose duplicated
+    images inflate the distance."""
     if n == 0:
         return NAN_ESTIMATE
     full = float(statistic(np.arange(n)))
-    if n == 1 or n_boot <= 1:
-        return Estimate(full, math.nan, math.nan, n, "bootstrap")
-    rng = np.random.default_rng(seed)
-    stats = np.array([statistic(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=np.float64)
-    stats = stats[np.isfinite(stats)]
-    if stats.size == 0:
-        return Estimate(full, math.nan, math.nan, n, "bootstrap")
-    lo, hi = np.quantile(stats, [0.5 - level / 2, 0.5 + level / 2])
-    return Estimate(full, float(lo), float(hi), n, "bootstrap")
+    if n < 3:
+        return Estimate(full, math.nan, math.nan, n, "jackknife")
+    idx = np.arange(n)
+    loo = np.array([statistic(np.delete(idx, i)) for i in range(n)], dtype=np.float64)
+    se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    half = student_t_ppf(0.5 + level / 2, n - 1) * se
+    return Estimate(full, full - half, full + half, n, "jackknife")
 
 
 def pairwise_diversity(features: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -172,7 +172,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("style", "style fidelity", True, "t-interval over images"),
     Metric("adherence", "prompt adherence", True, "t-interval over images"),
     Metric("score", "styled and on prompt (style x adherence)", True, "t-interval over images"),
-    Metric("fd", "Frechet distance to style references", False, "percentile bootstrap over generated images"),
+    Metric("fd", "Frechet distance to style references", False, "delete-one jackknife over generated images"),
     Metric("diversity", "diversity across seeds", True, "t-interval over prompts"),
 )
 METRIC = {m.key: m for m in METRICS}
@@ -275,7 +275,6 @@ class MetricsSection:
     judge: str = "toy"
     reference: str = ""  # folder of reference images in the style, for the Frechet distance ("" = no FD)
     reference_limit: int = 0  # use at most this many reference images (0 = all)
-    bootstrap: int = 200
     level: float = 0.95
     seed: int = 0
 
@@ -835,8 +834,7 @@ def summarize(res: JobResult, ref_features: np.ndarray | None, judge: Judge | No
     res.metrics["score"] = mean_ci(res.style * res.adherence, lvl)
     if ref_features is not None and judge is not None:
         f = res.features
-        res.metrics["fd"] = bootstrap_ci(len(f), lambda idx: judge.frechet(f[idx], ref_features), m.bootstrap, lvl,
-                                         m.seed)
+        res.metrics["fd"] = jackknife_ci(len(f), lambda idx: judge.frechet(f[idx], ref_features), lvl)
     else:
         res.metrics["fd"] = NAN_ESTIMATE
     res.metrics["diversity"] = mean_ci(pairwise_diversity(res.features, res.prompt_index), lvl)
@@ -894,7 +892,9 @@ def claim_verdict(cells: dict[str, dict[tuple[str, str], Estimate]], claim: tupl
                     f"best value, {e.fmt()}.")
         else:
             overlap = (b.lo <= e.hi) if spec.higher_is_better else (b.hi >= e.lo)
-            text = (f"**Not reproduced.** On {spec.label}, {describe(best)} is best with {b.fmt()}; {describe(claim)} "
+            tops = [k for k in others if cells[metric][k].mean == b.mean]
+            who = " and ".join(describe(k) for k in tops) + (" tie for best" if len(tops) > 1 else " is best")
+            text = (f"**Not reproduced.** On {spec.label}, {who} with {b.fmt()}; {describe(claim)} "
                     f"ranks {rank} of {len(ranking)} with {e.fmt()}"
                     + (" (intervals overlap)." if overlap and math.isfinite(b.lo) and math.isfinite(e.lo) else "."))
     ranks = {}

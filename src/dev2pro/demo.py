@@ -65,7 +65,6 @@ class DemoPlan:
     sample_steps: int = 16
     guidance: float = 3.5  # dev's embedded guidance and dev2pro's CFG scale at evaluation
     sweep: tuple[float, ...] = (2.0, 5.0)
-    bootstrap: int = 200
     seed: int = 0
 
     @classmethod
@@ -165,7 +164,7 @@ def compare_config(plan: DemoPlan, out: Path, dev: str, dev2pro: Path, loras: di
                      "height": IMAGE_SIZE, "width": IMAGE_SIZE, "batch_size": 32, "curve_seeds": list(plan.curve_seeds),
                      "grid_prompts": 6, "grid_seeds": 1},
         "models": {"autoencoder": "toy", "t5": "toy", "clip": "toy", "device": "cpu", "dtype": "fp32"},
-        "metrics": {"judge": "toy", "reference": str(out / "data" / "reference"), "bootstrap": plan.bootstrap,
+        "metrics": {"judge": "toy", "reference": str(out / "data" / "reference"),
                     "seed": plan.seed},
         "claim": {"lora": CLAIM[0], "base": CLAIM[1], "metric": "score"},
         "output": {"dir": str(out), "title": title},
