@@ -277,6 +277,31 @@ def machine_info(load_start: float | None = None) -> dict:
     return info
 
 
+def _observations(res) -> list[str]:
+    """Bullet points computed from the run: how well the bases follow prompts without a LoRA, how far apart the LoRA
+    cells are on the headline metric, and whether every LoRA learned the style."""
+    import math
+
+    main, lines = res.main, []
+    base = [f"{b.name} ({b.describe()}) {main['adherence'][('', b.name)].fmt()}" for b in res.config.bases
+            if ('', b.name) in main["adherence"]]
+    if base:
+        lines.append("- Without a LoRA the bases already follow the prompts: prompt adherence " + ", ".join(base)
+                     + ". The toy world leaves little room for guidance to matter, so differences between cells "
+                     "come mostly from style and image statistics.")
+    cells = {k: e for k, e in main["score"].items() if k[0] and math.isfinite(e.mean)}
+    if cells:
+        hi, lo = max(cells.values(), key=lambda e: e.mean), min(cells.values(), key=lambda e: e.mean)
+        lines.append(f"- On the headline metric the six LoRA cells span {lo.mean:.3f} to {hi.mean:.3f} (95% "
+                     f"intervals about +-{(hi.hi - hi.lo) / 2:.3f} wide each).")
+    styles = [e.mean for k, e in main["style"].items() if k[0] and math.isfinite(e.mean)]
+    if styles:
+        lines.append(f"- Every LoRA cell shows the style with judge probability between {min(styles):.3f} and "
+                     f"{max(styles):.3f}; without a LoRA: "
+                     + ", ".join(f"{k[1]} {e.mean:.3f}" for k, e in main["style"].items() if not k[0]) + ".")
+    return lines
+
+
 def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> Path:
     """`<docs>/demo-results.md` plus `<docs>/img/demo-*.png` from a finished demo (`run_demo`'s result): the section
     the README shows. Regenerate it whenever the demo changes: `dev2pro demo --docs docs`."""
@@ -320,7 +345,7 @@ def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> P
                   "prompts (fresh scenes in the zxq style), seed 0.", "", f"![demo grid]({links['grid']})", ""]
     if "curves" in links:
         parts += ["### Metrics over LoRA training steps", "", f"![demo curves]({links['curves']})", ""]
-    parts += ["### Reading it", "",
+    parts += ["### Reading it", "", *_observations(res),
               "- The toy world is a scientific instrument, not a proof: tiny Flux-architecture models, 32x32 images, a "
               "style of stripes, a judge trained on the generator. Whatever it shows is reported as it came out.",
               "- Each LoRA was trained once (one seed): the intervals cover sampling noise over prompts and seeds, not "
