@@ -834,7 +834,8 @@ def summarize(res: JobResult, ref_features: np.ndarray | None, judge: Judge | No
     res.metrics["score"] = mean_ci(res.style * res.adherence, lvl)
     if ref_features is not None and judge is not None:
         f = res.features
-        res.metrics["fd"] = jackknife_ci(len(f), lambda idx: judge.frechet(f[idx], ref_features), lvl)
+        fd = jackknife_ci(len(f), lambda idx: judge.frechet(f[idx], ref_features), lvl)
+        res.metrics["fd"] = dataclasses.replace(fd, lo=max(0.0, fd.lo)) if math.isfinite(fd.lo) else fd  # a distance
     else:
         res.metrics["fd"] = NAN_ESTIMATE
     res.metrics["diversity"] = mean_ci(pairwise_diversity(res.features, res.prompt_index), lvl)
