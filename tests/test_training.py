@@ -206,7 +206,7 @@ def _lora_monitor_run(tmp_path, base: str, g: float, steps: int = 10, every: int
 
     out = tmp_path / f"g{g}"
     cfg = R.TrainLoraConfig(
-        model=T.ModelConfig(base=base),
+        model=T.ModelConfig(base=base, dtype="fp32"),
         train=T.TrainConfig(steps=steps, guidance=g, batch_size=4, lr=3e-2, device="cpu", seed=0),
         output=T.LoraOutputConfig(dir=str(out)), lora=T.LoraConfig(rank=8, alpha=8.0, targets="all-linear"),
         monitor=T.MonitorConfig(every=every))
