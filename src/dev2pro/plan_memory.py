@@ -68,6 +68,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from dev2pro.errors import UserError
@@ -393,6 +394,8 @@ def report(job: Job) -> str:
     for gb, rows in fits(job, fp8_copies).items():
         txt = "; ".join(f"{describe(j).split(', ', 1)[1]} -> {bb.gpu_total / GiB:.1f}" for j, bb in rows[:3])
         lines.append(f"  {gb:>3d} GB: {txt or 'nothing in this grid fits'}")
+    lines.append("  (swap=N: N blocks held on the CPU and streamed in, as kohya/ai-toolkit/SimpleTuner offer; dev2pro's "
+                 "own trainers do not implement block swap yet)")
     return "\n".join(lines)
 
 
@@ -407,6 +410,11 @@ def spec_from_base(base: str) -> FluxSpec:
     name = name.split("@", 1)[0]
     if name in PRESETS:
         return PRESETS[name]
+    if not base.startswith(("toy:", "preset:")) and not Path(base).exists():
+        # Planning happens before the download: example configs carry placeholder paths.
+        print(f"note: model.base {base} does not exist here; planning for flux-dev (pass --preset to choose)",
+              file=sys.stderr)
+        return PRESETS["flux-dev"]
     try:
         from dev2pro import checkpoint
     except ImportError:
@@ -417,6 +425,14 @@ def spec_from_base(base: str) -> FluxSpec:
     return reader(base)
 
 
+def _is_fp8_file(base: str) -> bool:
+    if base.startswith(("toy:", "preset:")) or not Path(base).exists():
+        return "fp8" in Path(base).name.lower()  # placeholder paths: the usual file names say it
+    from dev2pro import checkpoint
+
+    return "fp8" in checkpoint.detect_format(base)
+
+
 def job_from_config(data: dict, **overrides) -> Job:
     """A `Job` from a parsed recipe TOML (`[model]`, `[data]`, `[train]`, optional `[lora]`). Keys this planner does
     not need are ignored here; `dev2pro.commands.plan_memory` checks the file against the recipe's schema first."""
@@ -424,6 +440,8 @@ def job_from_config(data: dict, **overrides) -> Job:
     spec = spec_from_base(str(model.get("base", "flux-dev")))
     method = "lora" if "lora" in data else "full"
     dtype = {"auto": "bf16", "fp8": "fp8", "bf16": "bf16", "fp32": "fp32"}[model.get("dtype", "auto")]
+    if model.get("dtype", "auto") == "auto" and _is_fp8_file(str(model.get("base", ""))):
+        dtype = "fp8"  # "auto" keeps the file's storage: an fp8 file trains on an fp8 base
     autocast = train.get("mixed_precision", "no") == "bf16"
     kw = dict(spec=spec, method=method, weight_dtype=dtype, autocast=autocast,
               rank=int(lora.get("rank", 16)), targets=lora.get("targets", "attention"),
