@@ -394,8 +394,8 @@ def report(job: Job) -> str:
     for gb, rows in fits(job, fp8_copies).items():
         txt = "; ".join(f"{describe(j).split(', ', 1)[1]} -> {bb.gpu_total / GiB:.1f}" for j, bb in rows[:3])
         lines.append(f"  {gb:>3d} GB: {txt or 'nothing in this grid fits'}")
-    lines.append("  (swap=N: N blocks held on the CPU and streamed in, as kohya/ai-toolkit/SimpleTuner offer; dev2pro's "
-                 "own trainers do not implement block swap yet)")
+    lines.append("  (swap=N: N blocks held on the CPU and streamed in, as kohya/ai-toolkit/SimpleTuner offer; "
+                 "dev2pro's own trainers do not implement block swap yet)")
     return "\n".join(lines)
 
 
