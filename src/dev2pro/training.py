@@ -379,6 +379,39 @@ def check_finite(value: float, what: str, step: int, out_dir: Path | None) -> No
                         f"train.mixed_precision = 'no'){where}")
 
 
+def finish_step(accelerator, model, optimizer, per_sample: torch.Tensor, t: torch.Tensor, *, step: int, lr: float,
+                train: TrainConfig, out_dir: Path, bar, log, extra: dict[str, float] | None = None) -> float:
+    """The end of every training step, the same in every recipe: check the (gathered) loss, clip and check the
+    gradient norm, step and zero the optimizer, advance the progress bar and log. Returns the step's mean loss."""
+    loss = float(per_sample.mean())
+    check_finite(loss, "loss", step + 1, out_dir)
+    gn = grad_norm_and_clip(accelerator, model, train.max_grad_norm)
+    check_finite(gn, "gradient norm", step + 1, out_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    done = step + 1
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    if done % train.log_every == 0 or done == train.steps:
+        log.log(done, {"loss": loss, **(extra or {}), "lr": lr, "grad_norm": gn, **bucket_losses(per_sample, t)})
+    return loss
+
+
+def due(every: int, done: int, total: int) -> bool:
+    """Whether a periodic action (samples) runs after step `done`: every `every` steps and at the end; 0 = never."""
+    return every > 0 and (done % every == 0 or done == total)
+
+
+def save_final_model(accelerator, model, out_dir: Path, output: OutputConfig, config_toml: str) -> Path:
+    """Write the trained full model (`<name>.safetensors`, BFL) and its resolved config from the main process."""
+    final = out_dir / f"{output.name}.safetensors"
+    plain = full_model(accelerator, model)
+    if plain is not None:
+        save_model(plain, final, output)
+        (out_dir / f"{output.name}.toml").write_text(config_toml)
+    return final
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The flow-matching batch
 

@@ -100,20 +100,11 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
             per_all.append(per.detach())
             t_all.append(fb.t)
         per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
-        loss = float(per_g.mean())
-        T.check_finite(loss, "loss", step + 1, out)
-        gn = T.grad_norm_and_clip(acc, model, cfg.train.max_grad_norm)
-        T.check_finite(gn, "gradient norm", step + 1, out)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        T.finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         if ema is not None:
             ema.update(dict(T.unwrap(model).named_parameters()))
         done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            log.log(done, {"loss": loss, "lr": lr, "grad_norm": gn, **T.bucket_losses(per_g, t_g)})
-        if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.train.steps):
+        if T.due(cfg.sample.every, done, cfg.train.steps):
             T.write_samples(acc, model, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
             checkpoint(done)
@@ -126,11 +117,7 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
         checkpoint(cfg.train.steps)
     if ema is not None:
         ema.copy_to(dict(T.unwrap(model).named_parameters()))
-    final = out / f"{cfg.output.name}.safetensors"
-    plain = T.full_model(acc, model)
-    if plain is not None:
-        T.save_model(plain, final, cfg.output)
-        (out / f"{cfg.output.name}.toml").write_text(config_toml)
+    final = T.save_final_model(acc, model, out, cfg.output, config_toml)
     acc.wait_for_everyone()
     log.close()
     acc.end_training()

@@ -170,20 +170,11 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
             distill_all.append(d_loss.detach())
             t_all.append(fb.t)
         per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
-        loss = float(per_g.mean())
         d_mean = float(acc.gather(torch.cat(distill_all)).mean())
-        T.check_finite(loss, "loss", step + 1, out)
-        gn = T.grad_norm_and_clip(acc, student, cfg.train.max_grad_norm)
-        T.check_finite(gn, "gradient norm", step + 1, out)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        T.finish_step(acc, student, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log,
+                      extra={"loss/distill": d_mean})
         done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            log.log(done, {"loss": loss, "loss/distill": d_mean, "lr": lr, "grad_norm": gn,
-                           **T.bucket_losses(per_g, t_g)})
-        if cfg.sample.every > 0 and (done % cfg.sample.every == 0 or done == cfg.train.steps):
+        if T.due(cfg.sample.every, done, cfg.train.steps):
             T.write_samples(acc, student, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
             T.save_checkpoint(out, done, acc, student, opt, generator=gen, sampler=data.sampler,
@@ -196,11 +187,7 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
     if cfg.output.save_every > 0:
         T.save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
                           config_toml=config_toml, keep_last=cfg.output.keep_last)
-    final = out / f"{cfg.output.name}.safetensors"
-    plain = T.full_model(acc, student)
-    if plain is not None:
-        T.save_model(plain, final, cfg.output)
-        (out / f"{cfg.output.name}.toml").write_text(config_toml)
+    final = T.save_final_model(acc, student, out, cfg.output, config_toml)
     acc.wait_for_everyone()
     log.close()
     acc.end_training()
