@@ -283,12 +283,14 @@ def _observations(res) -> list[str]:
     import math
 
     main, lines = res.main, []
-    base = [f"{b.name} ({b.describe()}) {main['adherence'][('', b.name)].fmt()}" for b in res.config.bases
-            if ('', b.name) in main["adherence"]]
-    if base:
-        lines.append("- Without a LoRA the bases already follow the prompts: prompt adherence " + ", ".join(base)
-                     + ". The toy world leaves little room for guidance to matter, so differences between cells "
-                     "come mostly from style and image statistics.")
+    keys = [("", b.name) for b in res.config.bases if ("", b.name) in main["adherence"]]
+    if keys:
+        text = "- Without a LoRA, prompt adherence is " + ", ".join(
+            f"{k[1]} ({res.config.base(k[1]).describe()}) {main['adherence'][k].fmt()}" for k in keys) + "."
+        if min(main["adherence"][k].mean for k in keys) >= 0.9:
+            text += (" The bases already follow the prompts, so the toy world leaves little room for guidance to "
+                     "matter; differences between cells come mostly from style and image statistics.")
+        lines.append(text)
     cells = {k: e for k, e in main["score"].items() if k[0] and math.isfinite(e.mean)}
     if cells:
         hi, lo = max(cells.values(), key=lambda e: e.mean), min(cells.values(), key=lambda e: e.mean)
@@ -296,8 +298,9 @@ def _observations(res) -> list[str]:
                      f"intervals about +-{(hi.hi - hi.lo) / 2:.3f} wide each).")
     styles = [e.mean for k, e in main["style"].items() if k[0] and math.isfinite(e.mean)]
     if styles:
-        lines.append(f"- Every LoRA cell shows the style with judge probability between {min(styles):.3f} and "
-                     f"{max(styles):.3f}; without a LoRA: "
+        span = f"{min(styles):.3f}" if f"{min(styles):.3f}" == f"{max(styles):.3f}" else (
+            f"between {min(styles):.3f} and {max(styles):.3f}")
+        lines.append(f"- The LoRA cells show the style with judge probability {span}; without a LoRA: "
                      + ", ".join(f"{k[1]} {e.mean:.3f}" for k, e in main["style"].items() if not k[0]) + ".")
     return lines
 
