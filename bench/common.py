@@ -12,6 +12,17 @@ import subprocess
 import sys
 import time
 
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def one_thread() -> None:
+    """Benchmarks run torch with one intra-op thread: on the shared 2-core CPU two threads were measured 10-25x
+    slower than one whenever another process was running (the threads wait on each other at every op)."""
+    import torch
+
+    os.environ.update(ONE_THREAD_ENV)  # inherited by the subprocesses the benches start
+    torch.set_num_threads(1)
+
 
 def machine() -> str:
     import torch
@@ -39,16 +50,26 @@ def timed(fn, *args, repeat: int = 1, warmup: int = 0, **kw) -> float:
     return best
 
 
-def peak_rss_of(code: str, env: dict | None = None, timeout: float = 900) -> tuple[int, str]:
-    """Run `code` in a fresh Python; return (peak RSS in bytes from getrusage, stdout)."""
-    wrapper = code + ("\nimport resource, sys\n"
-                      "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+_VM = ("def _vm(key):\n"
+       "    with open('/proc/self/status') as f:\n"
+       "        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ':'))\n")
+
+
+def peak_rss_of(code: str, setup: str = "", env: dict | None = None, timeout: float = 900) -> tuple[int, int, str]:
+    """Run `setup` then `code` in a fresh Python; return (peak RSS of the whole process in bytes, RSS after `setup`
+    in bytes, stdout). Peak is /proc/self/status VmHWM, not getrusage: ru_maxrss survives exec, so a child of a
+    large parent reports the parent's RSS (the child starts as a copy of the parent's address space until exec).
+    After `setup` the high-water mark is reset (`/proc/self/clear_refs` 5) so an import-time transient does not hide
+    the peak of `code`; the reported peak is max(RSS after setup, peak during code)."""
+    wrapper = (_VM + setup + "\n_base = _vm('VmRSS')\n"
+               "with open('/proc/self/clear_refs', 'w') as _f:\n    _f.write('5')\n"
+               + code + "\nprint('PEAK_RSS_B', max(_base, _vm('VmHWM')), _base)\n")
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **ONE_THREAD_ENV, **(env or {})})
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    kib = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK_RSS_KIB"))
-    return kib * 1024, out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("PEAK_RSS_B"))
+    return int(line.split()[1]), int(line.split()[2]), out.stdout
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -10,16 +10,18 @@ from __future__ import annotations
 import copy
 import sys
 
-from bench.common import table, verdict
+from bench.common import one_thread, table, verdict
 
 GOAL = 0.5
+STDS = (0.02, 0.005)  # the first is the goal's case
 
 
-def measure(preset: str = "flux-mid", latent: int = 16, txt_len: int = 16) -> dict[str, dict[str, float]]:
+def measure(preset: str = "flux-mid", latent: int = 16, txt_len: int = 16,
+            std: float = 0.02) -> dict[str, dict[str, float]]:
     from dev2pro import checkpoint, fp8, models
 
     spec = models.PRESETS[preset]
-    model = models.random_transformer(spec, seed=0, std=0.02)
+    model = models.random_transformer(spec, seed=0, std=std)
     inputs = checkpoint.fixed_inputs(spec, seed=0, latent=latent, txt_len=txt_len)
     ref = checkpoint.model_output(model, inputs).float()
     out = {}
@@ -33,17 +35,22 @@ def measure(preset: str = "flux-mid", latent: int = 16, txt_len: int = 16) -> di
 
 
 def run(quick: bool = False) -> str:
+    one_thread()
     preset = "tiny-dev" if quick else "flux-mid"
-    r = measure(preset)
-    plain = r["none"]["output"]
-    rows = [[s, r[s]["weight"], r[s]["output"], r[s]["output"] / plain] for s in r]
-    worst = max(r["tensor"]["output"], r["channel"]["output"]) / plain
+    rows, worst = [], {}
+    for std in STDS:
+        r = measure(preset, std=std)
+        plain = r["none"]["output"]
+        rows += [[std, s, r[s]["weight"], r[s]["output"], r[s]["output"] / plain] for s in r]
+        worst[std] = max(r["tensor"]["output"], r["channel"]["output"]) / plain
     return "\n\n".join([
         "## c. fp8 output error: plain vs tensor- vs channel-scaled",
-        f"Model: `{preset}` random init, normal(0, 0.02) like trained Flux weights; fp32 reference; fixed inputs "
-        "(`dev2pro.checkpoint.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
-        table(["scaling", "mean rel. RMS weight error", "rel. RMS output error", "ratio to plain"], rows),
-        verdict(worst <= GOAL, f"worst scaled/plain output error ratio = {worst:.3f}."),
+        f"Model: `{preset}` random init, normal(0, std); std 0.02 is like trained Flux weights (the goal's case), "
+        "std 0.005 shows weights whose plain cast falls mostly into e4m3's subnormal range. fp32 reference; fixed "
+        "inputs (`dev2pro.checkpoint.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
+        table(["weight std", "scaling", "mean rel. RMS weight error", "rel. RMS output error", "ratio to plain"], rows),
+        verdict(worst[STDS[0]] <= GOAL, f"worst scaled/plain output error ratio = {worst[STDS[0]]:.3f} at std "
+                f"{STDS[0]} ({worst[STDS[1]]:.3f} at std {STDS[1]})."),
     ])
 
 

@@ -34,6 +34,7 @@ on the CPU with `--preset tiny-dev --device cpu --steps 2` (tests/test_bench_smo
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
+    common.one_thread()
     only = [a for a in argv if not a.startswith("--")]
     out = REPO / "docs" / "benchmarks.md"
     for i, a in enumerate(argv):
@@ -56,7 +57,9 @@ def main(argv: list[str]) -> int:
             f"Machine: {common.machine()}  ",
             f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}", "",
             "Each goal is stated with its section and reported as measured, met or not. The CPU is shared with other "
-            "jobs, so absolute times are noisy; ratios are measured side by side in one run.", ""]
+            "jobs, so absolute times are noisy; ratios are measured side by side in one run. Every bench runs torch "
+            "with one intra-op thread (`torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`, `MKL_NUM_THREADS=1`): on the "
+            "shared 2-core CPU two threads were 10-25x slower than one whenever another process was running.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(head) + "\n\n".join(sections + [GPU_NOTE]) + "\n")
     print(f"wrote {out}")

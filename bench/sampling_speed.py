@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from bench.common import table, timed
+from bench.common import one_thread, table, timed
 
 
 def measure(preset: str, latent: int, steps: int, txt_len: int = 32) -> dict[str, float]:
@@ -55,6 +55,7 @@ def measure(preset: str, latent: int, steps: int, txt_len: int = 32) -> dict[str
 
 
 def run(quick: bool = False) -> str:
+    one_thread()
     cases = [("tiny-dev", 16, 4)] if quick else [("tiny-dev", 32, 20), ("flux-mid", 32, 20)]
     rows = []
     for preset, latent, steps in cases:

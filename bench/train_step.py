@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import table, verdict
+from bench.common import one_thread, table, verdict
 
 GOAL = 1.3
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,7 @@ def measure(preset: str, n_images: int, size: int, batch: int, rank: int, folder
 
 
 def run(quick: bool = False) -> str:
+    one_thread()
     cases = [("tiny-dev", 8, 32, 2, 4)] if quick else [("tiny-dev", 32, 32, 4, 4), ("flux-mid", 16, 64, 2, 16)]
     rows, ratios = [], []
     for preset, n, size, batch, rank in cases:
