@@ -276,3 +276,31 @@ def test_model_hash_is_sha256_of_the_file(tmp_path):
     f = checkpoint.save_transformer(random_transformer(spec, 0), tmp_path / "f", format="diffusers")
     h = checkpoint.model_hash(f)
     assert h.startswith("sha256:") and h == checkpoint.model_hash(tmp_path / "f")
+
+
+def test_model_hash_disk_cache_follows_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import json
+    import os
+
+    from dev2pro import checkpoint as ck
+
+    monkeypatch.setattr(ck, "HASH_CACHE_FILE", tmp_path / "cache" / "sha256.json")
+    monkeypatch.setattr(ck, "HASH_CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(ck, "_HASHES", {})
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"0123456789" * 100)
+    real = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert ck._file_sha256(f) == real
+    cache = json.loads(ck.HASH_CACHE_FILE.read_text())
+    assert list(cache.values()) == [real]
+    # a later process (empty in-memory table) takes the stored value without reading the file
+    ck._HASHES.clear()
+    key = next(iter(cache))
+    ck.HASH_CACHE_FILE.write_text(json.dumps({key: "stored"}))
+    assert ck._file_sha256(f) == "stored"
+    # a changed file (new mtime) is hashed again
+    ck._HASHES.clear()
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert ck._file_sha256(f) == real
