@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import flow
 from dev2pro import training as T
 from dev2pro.config import dump_toml
 from dev2pro.data import DataConfig
@@ -88,18 +87,8 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, model, step, log, mon_log)
         lr = T.set_lr(opt, step, cfg.train)
-        per_all, t_all = [], []
-        for micro in range(cfg.train.grad_accum):
-            latents, txt, pooled = T.batch_tensors(next(batches))
-            fb = T.flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
-            with T.accumulation_context(acc, model, micro == cfg.train.grad_accum - 1), acc.autocast():
-                pred = T.forward_flux(model, True, fb.x_t, fb.t, fb.txt, fb.pooled, fb.img_ids, fb.txt_ids,
-                                      cfg.train.guidance)
-                per = flow.flow_loss(pred, fb.target, flow.loss_weight(fb.t, cfg.train.loss_weighting))
-                acc.backward(per.mean() / cfg.train.grad_accum)
-            per_all.append(per.detach())
-            t_all.append(fb.t)
-        per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
+        per_g, t_g = T.flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=True,
+                                        guidance=cfg.train.guidance)
         T.finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         if ema is not None:
             ema.update(dict(T.unwrap(model).named_parameters()))
