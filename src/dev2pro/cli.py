@@ -87,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import warnings
+
     from dev2pro.errors import UserError
 
+    # torch's CPU rms_norm warns on every bf16-autocast run that it cannot use its fused kernel: noise for users.
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     try:
         code = args._module.main(args)
     except UserError as e:
