@@ -294,6 +294,13 @@ def load_model(ref: str, dtype: str, device) -> torch.nn.Module:
     return load_transformer(ref, dtype=torch_dtype, device=device)
 
 
+def require_fp32_weights(model: ModelConfig) -> None:
+    """Full fine-tunes keep fp32 master weights: refuse a `model.dtype` they would silently ignore."""
+    if model.dtype not in ("auto", "fp32"):
+        raise ConfigError(f"model.dtype = '{model.dtype}': a full fine-tune keeps fp32 master weights; use "
+                          "train.mixed_precision = 'bf16' for bf16 compute")
+
+
 def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path:
     """The final full model as a BFL single file in `output.dtype` (fp8 with `output.scaling`)."""
     from dev2pro.checkpoint import save_transformer
@@ -766,6 +773,21 @@ class RunLog:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+def open_run_logs(out_dir: Path, accelerator, resume_step: int | None, monitor: bool) -> tuple[RunLog, RunLog | None]:
+    """The run's `log.csv` (+ TensorBoard) and, when the guidance monitor is on, `monitor.csv`."""
+    log = RunLog(out_dir, accelerator.is_main_process, resume_step=resume_step)
+    mon = RunLog(out_dir, accelerator.is_main_process, name="monitor", resume_step=resume_step,
+                 tensorboard=False) if monitor else None
+    return log, mon
+
+
+def end_run(accelerator, log: RunLog) -> None:
+    """Wait for every process, flush the logs, release accelerate's process-wide state."""
+    accelerator.wait_for_everyone()
+    log.close()
+    accelerator.end_training()
+
 
 
 def progress(total: int, initial: int, enabled: bool, desc: str):

@@ -131,9 +131,7 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
     if resume_from is not None:
         start = T.load_checkpoint(resume_from, acc, student, opt, generator=gen, sampler=data.sampler).step
     batches = T.infinite_batches(data)
-    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
-    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
-                       tensorboard=False) if probe else None
+    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
     e_txt, e_pooled = data.prompts[""]
     bar = T.progress(cfg.train.steps, start, acc.is_main_process, "distill")
@@ -188,7 +186,5 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
         T.save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
                           config_toml=config_toml, keep_last=cfg.output.keep_last)
     final = T.save_final_model(acc, student, out, cfg.output, config_toml)
-    acc.wait_for_everyone()
-    log.close()
-    acc.end_training()
+    T.end_run(acc, log)
     return final

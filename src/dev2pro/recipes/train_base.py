@@ -63,9 +63,7 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None 
     from dev2pro.models import has_guidance_embed
 
     # ---- setup
-    if cfg.model.dtype not in ("auto", "fp32"):
-        raise ConfigError(f"model.dtype = '{cfg.model.dtype}': a full fine-tune keeps fp32 master weights; use "
-                          "train.mixed_precision = 'bf16' for bf16 compute")
+    T.require_fp32_weights(cfg.model)
     acc = T.setup_accelerator(cfg.train)
     out = T.prepare_output_dir(cfg.output.dir)
     resume_from = T.find_resume(out, resume)
@@ -84,9 +82,7 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None 
     if resume_from is not None:
         start = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
     batches = T.infinite_batches(data)
-    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
-    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
-                       tensorboard=False) if probe else None
+    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
     bar = T.progress(cfg.train.steps, start, acc.is_main_process, "train-base")
 
@@ -115,8 +111,6 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None 
         T.save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
                           config_toml=config_toml, keep_last=cfg.output.keep_last)
     final = T.save_final_model(acc, model, out, cfg.output, config_toml)
-    acc.wait_for_everyone()
-    log.close()
-    acc.end_training()
+    T.end_run(acc, log)
     return final
 

@@ -115,9 +115,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None 
     if resume_from is not None:
         start = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
     batches = T.infinite_batches(data)
-    log = T.RunLog(out, acc.is_main_process, resume_step=start if resume_from else None)
-    mon_log = T.RunLog(out, acc.is_main_process, name="monitor", resume_step=start if resume_from else None,
-                       tensorboard=False) if probe else None
+    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
     bar = T.progress(cfg.train.steps, start, acc.is_main_process, "train-lora")
 
@@ -172,7 +170,5 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None 
         except OSError as e:
             raise UserError(f"could not write {final} ({e.strerror or e}); free disk space and resume") from None
         (out / f"{cfg.output.name}.toml").write_text(config_toml)
-    acc.wait_for_everyone()
-    log.close()
-    acc.end_training()
+    T.end_run(acc, log)
     return final
