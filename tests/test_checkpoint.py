@@ -4,13 +4,10 @@ streaming memory, atomic writes, errors, hashing."""
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,18 +16,6 @@ from safetensors.torch import load_file, save_file
 from dev2pro import checkpoint, keymap
 from dev2pro.errors import CheckpointError
 from dev2pro.models import PRESETS, random_transformer
-
-
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """RAM-backed scratch (/dev/shm) when available: this disk writes ~100 MB/s. Our reader uses read(), not mmap,
-    so files there do not count in the process's RSS."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        d = Path(tempfile.mkdtemp(prefix="dev2pro-test-", dir="/dev/shm"))
-        yield d
-        shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def _out(model, spec):

@@ -1,9 +1,5 @@
 """BFL <-> diffusers key mapping, checked against diffusers' own converter and the diffusers model."""
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +8,6 @@ from safetensors.torch import load_file
 
 from dev2pro import checkpoint, keymap
 from dev2pro.models import PRESETS, random_transformer
-
-
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """RAM-backed scratch (/dev/shm) when available: the 1 GB file of the oracle test costs ~10 s on this disk."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        d = Path(tempfile.mkdtemp(prefix="dev2pro-test-", dir="/dev/shm"))
-        yield d
-        shutil.rmtree(d, ignore_errors=True)
-    else:
-        yield tmp_path
 
 
 def _distinct_rows_state_dict(spec, dtype, seed=0):

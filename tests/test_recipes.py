@@ -7,19 +7,9 @@ import torch
 
 from dev2pro import training as T
 from dev2pro.models import PRESETS, has_guidance_embed, image_ids, pack_latents, random_transformer, text_ids
+from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def toy_data(n: int = 16, seed: int = 0, prompts=()) -> T.TrainData:
-    from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, make_batch
-
-    images, captions, _ = make_batch(n, seed)
-    latents = ToyAutoencoder().encode(images)
-    text = ToyTextEncoder()
-    txt, pooled = text.encode(captions)
-    return T.TrainData(dataset=T.InMemoryDataset(latents, txt, pooled, captions),
-                       prompts=T.encode_prompts(text, list(prompts)))
 
 
 def probe_inputs(data: T.TrainData, n: int = 4, seed: int = 99):

@@ -14,19 +14,10 @@ from safetensors.torch import load_file
 
 from dev2pro import training as T
 from dev2pro.recipes import train_lora as R
+from helpers import toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def toy_data(n: int = 8, seed: int = 0) -> T.TrainData:
-    from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, make_batch
-
-    images, captions, _ = make_batch(n, seed)
-    text = ToyTextEncoder()
-    txt, pooled = text.encode(captions)
-    return T.TrainData(dataset=T.InMemoryDataset(ToyAutoencoder().encode(images), txt, pooled, captions),
-                       prompts=T.encode_prompts(text, []), info={"resolution": 32, "dataset_size": n})
 
 
 def config(out: Path, steps: int, **sections) -> R.TrainLoraConfig:

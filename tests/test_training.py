@@ -14,18 +14,9 @@ import torch
 
 from dev2pro import training as T
 from dev2pro.errors import UserError
+from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def toy_data(n: int = 8, seed: int = 0) -> T.TrainData:
-    from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, make_batch
-
-    images, captions, _ = make_batch(n, seed)
-    text = ToyTextEncoder()
-    txt, pooled = text.encode(captions)
-    return T.TrainData(dataset=T.InMemoryDataset(ToyAutoencoder().encode(images), txt, pooled, captions),
-                       prompts=T.encode_prompts(text, []), info={"resolution": 32, "dataset_size": n})
 
 
 def fake_acc(world: int, rank: int):
