@@ -26,3 +26,21 @@ def test_help_does_not_import_torch():
     code = "import sys; from dev2pro import cli; cli.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_os_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["toy", "data", str(blocker / "sub"), "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "Traceback" not in err
+
+
+def test_lora_strength_typo_is_named(tmp_path, capsys):
+    from dev2pro.errors import UserError
+    from dev2pro.sampling import apply_loras
+
+    f = tmp_path / "style.safetensors"
+    f.write_bytes(b"")
+    with pytest.raises(UserError, match=r"must be a number: .*style.safetensors:0.8"):
+        apply_loras(object(), [(f"{f}:abc", 1.0)])

@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dev2pro {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Files and folders the user named: unreadable, unwritable, missing parents, full disks. One line, exit 2.
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dev2pro {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dev2pro {args.command}: interrupted", file=sys.stderr)
         return 130

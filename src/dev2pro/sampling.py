@@ -260,6 +260,9 @@ def apply_loras(model, loras: Sequence[tuple[str, float]]):
 
     for path, strength in loras:
         if not Path(path).is_file():
-            raise UserError(f"LoRA file '{path}' not found")
+            head, sep, tail = path.rpartition(":")
+            hint = (f" (if '{tail}' was meant as the strength, it must be a number: {head}:0.8)"
+                    if sep and Path(head).is_file() else "")
+            raise UserError(f"LoRA file '{path}' not found{hint}")
         merge_lora_into_model(model, load_lora(path), strength)
     return model
