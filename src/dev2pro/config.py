@@ -9,6 +9,7 @@ file. The resolved config is written back as TOML beside every checkpoint (`dump
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import tomllib
@@ -40,14 +41,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -146,8 +146,6 @@ def read_toml(path: str | Path) -> dict:
 
 def from_dict(cls: type[T], data: dict, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Build `cls` from a nested dict plus dotted overrides, strictly."""
-    import copy
-
     data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
