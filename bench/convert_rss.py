@@ -1,4 +1,4 @@
-"""Bench d: peak RSS while loading and while converting a mid-size checkpoint (`dev2pro.checkpoint`).
+"""Bench d: peak RSS while loading and while converting a mid-size checkpoint (`dev2pro.flux.checkpoint`).
 
 A flux-mid BFL file in bf16 is written once; then, each in a fresh process, (1) the runtime alone (python + torch +
 diffusers + dev2pro imported), (2) `load_transformer` of the file, (3) `dev2pro convert` of the file to fp8 with
@@ -17,20 +17,21 @@ from pathlib import Path
 from bench.common import MiB, one_thread, peak_rss_of, table, verdict
 
 GOAL = 1.2
-IMPORTS = ("import torch, diffusers, safetensors.torch; import dev2pro.checkpoint, dev2pro.fp8, dev2pro.models\n"
+IMPORTS = ("import torch, diffusers, safetensors.torch\n"
+           "import dev2pro.flux.checkpoint, dev2pro.flux.fp8, dev2pro.flux.models\n"
            "from dev2pro.cli import main\n")
 
 
 def measure(preset: str, folder: Path) -> dict[str, float]:
     import torch
 
-    from dev2pro import checkpoint, models
+    from dev2pro.flux import checkpoint, models
 
     src = folder / "model-bf16.safetensors"
     dst = folder / "model-fp8.safetensors"
     checkpoint.save_transformer(models.random_transformer(models.PRESETS[preset], seed=0), src, dtype=torch.bfloat16)
     base, _, _ = peak_rss_of("torch.zeros(1)", setup=IMPORTS)
-    load, _, _ = peak_rss_of(f"m = dev2pro.checkpoint.load_transformer({str(src)!r})", setup=IMPORTS)
+    load, _, _ = peak_rss_of(f"m = dev2pro.flux.checkpoint.load_transformer({str(src)!r})", setup=IMPORTS)
     argv = f"['convert', {str(src)!r}, {str(dst)!r}, '--dtype', 'fp8_e4m3fn', '--scaling', 'channel'"
     conv, _, _ = peak_rss_of(f"assert main({argv}, '--no-output-check']) == 0", setup=IMPORTS)
     dst.unlink()

@@ -1,4 +1,4 @@
-"""Bench c: fp8 output error of plain cast vs per-tensor vs per-channel scaled fp8 (`dev2pro.fp8`).
+"""Bench c: fp8 output error of plain cast vs per-tensor vs per-channel scaled fp8 (`dev2pro.flux.fp8`).
 
 A flux-mid model initialised like a trained one (normal, std 0.02) is quantized three ways; we report the relative RMS
 error of the block weights and of the model output on fixed inputs against the fp32 model.
@@ -18,7 +18,7 @@ STDS = (0.02, 0.005)  # the first is the goal's case
 
 def measure(preset: str = "flux-mid", latent: int = 16, txt_len: int = 16,
             std: float = 0.02) -> dict[str, dict[str, float]]:
-    from dev2pro import checkpoint, fp8, models
+    from dev2pro.flux import checkpoint, fp8, models
 
     spec = models.PRESETS[preset]
     model = models.random_transformer(spec, seed=0, std=std)
@@ -47,7 +47,7 @@ def run(quick: bool = False) -> str:
         "## c. fp8 output error: plain vs tensor- vs channel-scaled",
         f"Model: `{preset}` random init, normal(0, std); std 0.02 is like trained Flux weights (the goal's case), "
         "std 0.005 shows weights whose plain cast falls mostly into e4m3's subnormal range. fp32 reference; fixed "
-        "inputs (`dev2pro.checkpoint.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
+        "inputs (`dev2pro.flux.checkpoint.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
         table(["weight std", "scaling", "mean rel. RMS weight error", "rel. RMS output error", "ratio to plain"], rows),
         verdict(worst[STDS[0]] <= GOAL, f"worst scaled/plain output error ratio = {worst[STDS[0]]:.3f} at std "
                 f"{STDS[0]} ({worst[STDS[1]]:.3f} at std {STDS[1]})."),

@@ -1,8 +1,8 @@
 """LoRA train-step speed and peak memory on a real-size Flux transformer on a CUDA GPU (H100/H200), no download.
 
 The FLUX.1-dev architecture (11.9 B parameters) is built with random weights directly on the GPU in bf16 (normal,
-std 0.02 like trained weights); for the fp8 base its block linears are swapped to `dev2pro.fp8.Fp8Linear` (channel
-scales). LoRA rank 16 on the attention targets (`dev2pro.lora.add_lora`, fp32), AdamW, bf16 autocast, gradient
+std 0.02 like trained weights); for the fp8 base its block linears are swapped to `dev2pro.flux.fp8.Fp8Linear` (channel
+scales). LoRA rank 16 on the attention targets (`dev2pro.lora.inject.add_lora`, fp32), AdamW, bf16 autocast, gradient
 checkpointing, batch 1, random latents and 512 T5 tokens, at 512 and 1024 px. Variants: bf16 base, fp8 base
 (dequantize + bf16 matmul), and fp8 base with `Fp8Linear.use_scaled_mm` (fp8 tensor cores; `_scaled_mm` has no
 backward, so `Fp8Linear` only takes that path for inputs that need no gradient: recorded as measured).
@@ -29,8 +29,8 @@ if str(REPO) not in sys.path:
 def build(preset: str, base: str, device: str, seed: int = 0):
     import torch
 
-    from dev2pro import fp8, models
-    from dev2pro.lora import add_lora, lora_parameters
+    from dev2pro.flux import fp8, models
+    from dev2pro.lora.inject import add_lora, lora_parameters
 
     spec = models.PRESETS[preset]
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
@@ -51,7 +51,7 @@ def build(preset: str, base: str, device: str, seed: int = 0):
 def step_fn(spec, model, params, resolution: int, text_len: int, device: str):
     import torch
 
-    from dev2pro import models
+    from dev2pro.flux import models
 
     opt = torch.optim.AdamW(params, lr=1e-4)
     side = resolution // 8
@@ -82,7 +82,7 @@ def step_fn(spec, model, params, resolution: int, text_len: int, device: str):
 def measure(preset: str, base: str, resolution: int, device: str, steps: int, warmup: int) -> dict:
     import torch
 
-    from dev2pro import plan_memory as pm
+    from dev2pro.train import plan_memory as pm
 
     text_len = 512 if preset.startswith("flux") else 16
     spec, model, params = build(preset, base, device)

@@ -1,7 +1,8 @@
 """Bench b: peak memory of the same LoRA job on a bf16 base and on an fp8 base, and the plan-memory validation at a
-mid size (measured vs `dev2pro.plan_memory.estimate`).
+mid size (measured vs `dev2pro.train.plan_memory.estimate`).
 
-Measured on the CPU with `dev2pro.plan_memory.measure_peak_cpu` (fresh process per job, malloc mmap threshold 64 KiB
+Measured on the CPU with `dev2pro.train.plan_memory.measure_peak_cpu`
+(fresh process per job, malloc mmap threshold 64 KiB
 so the resident set follows live tensors, peak via /proc VmHWM reset after model build): the job is two LoRA steps
 (AdamW) of a flux-mid transformer under bf16 autocast, as a GPU run would do it.
 Goal b: fp8 base peak <= 0.6x bf16 base peak. Goal (plan-memory): estimate within 20% of the measured peak.
@@ -18,8 +19,8 @@ GOAL = 0.6
 
 
 def jobs(quick: bool):
-    from dev2pro import models
-    from dev2pro.plan_memory import Job
+    from dev2pro.flux import models
+    from dev2pro.train.plan_memory import Job
 
     spec = models.PRESETS["tiny-dev" if quick else "flux-mid"]
     base = Job(spec=spec, weight_dtype="bf16", autocast=True, rank=16, resolution=128 if quick else 256, text_len=64)
@@ -34,15 +35,15 @@ def jobs(quick: bool):
 
 def jobs_real() -> list:
     """The same LoRA job on FLUX.1-dev at 512 and 1024 px, with and without checkpointing (estimates only)."""
-    from dev2pro import models
-    from dev2pro.plan_memory import Job
+    from dev2pro.flux import models
+    from dev2pro.train.plan_memory import Job
 
     return [Job(spec=models.PRESETS["flux-dev"], weight_dtype="bf16", autocast=True, rank=16, resolution=res,
                 text_len=512, gradient_checkpointing=ck) for res in (512, 1024) for ck in (False, True)]
 
 
 def real_rows(js: list) -> list[list]:
-    from dev2pro.plan_memory import estimate
+    from dev2pro.train.plan_memory import estimate
 
     rows = []
     for j in js:
@@ -53,7 +54,7 @@ def real_rows(js: list) -> list[list]:
 
 def run(quick: bool = False) -> str:
     one_thread()
-    from dev2pro.plan_memory import estimate, measure_peak_cpu, relative_error
+    from dev2pro.train.plan_memory import estimate, measure_peak_cpu, relative_error
 
     js = jobs(quick)
     measured = dict(zip(js, measure_peak_cpu(list(js.values()), steps=2)))
@@ -70,7 +71,7 @@ def run(quick: bool = False) -> str:
         "## b. Peak memory: LoRA on a bf16 base vs an fp8 base (and plan-memory validation)",
         f"Job: {spec.num_params() / 1e6:.0f} M-parameter transformer (`{'tiny-dev' if quick else 'flux-mid'}`), LoRA "
         f"rank 16 on attention, batch 1, {next(iter(js.values())).image_tokens} image + 64 text tokens, AdamW, two "
-        "steps, bf16 autocast; measured on the CPU (method in `dev2pro/plan_memory.py`). Goal: fp8 <= 0.6x bf16.",
+        "steps, bf16 autocast; measured on the CPU (method in `dev2pro/train/plan_memory.py`). Goal: fp8 <= 0.6x bf16.",
         table(["job", "weights (MiB, est.)", "measured peak (MiB)", "plan-memory estimate (MiB)", "error"], rows),
         verdict(ratio <= GOAL, f"fp8/bf16 measured peak = {ratio:.2f} without checkpointing, {ratio_ck:.2f} with. "
                 "fp8 halves the weights of the block linears (bf16 -> fp8; embedders, norms and the final layer "

@@ -1,4 +1,4 @@
-"""Bench e: sampling speed of our Euler sampler (`dev2pro.sampling.denoise`) vs diffusers' `FluxPipeline` on the
+"""Bench e: sampling speed of our Euler sampler (`dev2pro.flux.sampling.denoise`) vs diffusers' `FluxPipeline` on the
 same transformer, same embeddings, same noise, same step count; steps/s, and the agreement of the two results.
 
 The pipeline runs with precomputed prompt embeddings and `output_type="latent"` (no text encoders, no VAE), so both
@@ -17,7 +17,7 @@ from bench.common import one_thread, table, timed
 def measure(preset: str, latent: int, steps: int, txt_len: int = 32) -> dict[str, float]:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from dev2pro import flow, models, sampling
+    from dev2pro.flux import flow, models, sampling
 
     spec = models.PRESETS[preset]
     model = models.random_transformer(spec, seed=0).eval()

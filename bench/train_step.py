@@ -2,7 +2,7 @@
 (`bench/reference_diffusers_loop.py`), same base, LoRA (rank, attention targets, fp32), batch, images, fp32 compute,
 no compile, on this CPU, side by side in one process.
 
-Ours: the recipe as users run it (`dev2pro.recipes.train_lora.run`): latents and text embeddings are cached once,
+Ours: the recipe as users run it (`dev2pro.train.recipes.train_lora.run`): latents and text embeddings are cached once,
 then steps read the cache. Reference: images decoded, encoded by the autoencoder and captions encoded at every step.
 Per step = median step time after the first (ours: between the recipe's per-step loss checks, over 2 epochs).
 Per epoch = wall time of one pass over the dataset from a cold start (ours includes building the cache;
@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, rank: int) -> tuple[float, list[float]]:
     """(wall time of the whole run, per-step times). Step boundaries are taken from the recipe's once-per-step
     `training.check_finite(loss, "loss", ...)` call, wrapped here to record a timestamp (nothing else changes)."""
-    from dev2pro import training
     from dev2pro.config import load_config
-    from dev2pro.recipes import train_lora
+    from dev2pro.train import training
+    from dev2pro.train.recipes import train_lora
 
     cfg = load_config(train_lora.TrainLoraConfig, REPO / "configs" / "tiny-cpu.toml", [
         f"model.base={base}", f"data.dir={data}", f"data.resolution={res}", f"output.dir={out}",
@@ -60,7 +60,7 @@ def measure(preset: str, n_images: int, size: int, batch: int, rank: int, folder
     import torch
 
     from bench import reference_diffusers_loop as ref
-    from dev2pro import checkpoint, models
+    from dev2pro.flux import checkpoint, models
     from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, write_dataset
 
     tiny = models.PRESETS["tiny-dev"]  # the toy encoders' dims

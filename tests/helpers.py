@@ -1,6 +1,6 @@
 """Small builders shared by the test files (imported as `from helpers import ...`; pytest puts tests/ on sys.path)."""
 
-from dev2pro import training as T
+from dev2pro.train import training as T
 
 
 def toy_data(n: int = 8, seed: int = 0, prompts=()) -> T.TrainData:

@@ -38,7 +38,7 @@ def test_sampler_matches_flux_pipeline_tiny():
 def test_reference_loop_two_steps(tmp_path):
     from bench import reference_diffusers_loop as ref
 
-    from dev2pro import models
+    from dev2pro.flux import models
     from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, write_dataset
 
     data = write_dataset(tmp_path / "d", 2, seed=0)
@@ -62,7 +62,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
 def test_lora_memory_jobs_are_estimable():
     from bench import lora_memory
 
-    from dev2pro.plan_memory import estimate
+    from dev2pro.train.plan_memory import estimate
 
     jobs = lora_memory.jobs(quick=True)
     peaks = {k: estimate(j).peak for k, j in jobs.items()}

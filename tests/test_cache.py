@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dev2pro.cache import BucketBatchSampler, cache_path, collate, missing_items, prepare_cache, variant_params
-from dev2pro.data import DataConfig, load_image, scan_dataset
+from dev2pro.data.cache import BucketBatchSampler, cache_path, collate, missing_items, prepare_cache, variant_params
+from dev2pro.data.folders import DataConfig, load_image, scan_dataset
 from dev2pro.errors import DataError
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dev2pro import checkpoint, keymap
 from dev2pro.errors import CheckpointError
-from dev2pro.models import PRESETS, random_transformer
+from dev2pro.flux import checkpoint, keymap
+from dev2pro.flux.models import PRESETS, random_transformer
 
 
 def _out(model, spec):
@@ -130,8 +130,8 @@ def test_preset_and_toy_references(monkeypatch, tmp_path):
 STREAM_SCRIPT = textwrap.dedent("""
     import gc, json, sys, torch
     from pathlib import Path
-    from dev2pro import checkpoint
-    from dev2pro.models import PRESETS
+    from dev2pro.flux import checkpoint
+    from dev2pro.flux.models import PRESETS
     torch.set_num_threads(2)
     d, spec = Path(sys.argv[1]), PRESETS["flux-mid"]
 
@@ -268,7 +268,7 @@ def test_model_hash_disk_cache_follows_size_and_mtime(tmp_path, monkeypatch):
     import json
     import os
 
-    from dev2pro import checkpoint as ck
+    from dev2pro.flux import checkpoint as ck
 
     monkeypatch.setattr(ck, "HASH_CACHE_FILE", tmp_path / "cache" / "sha256.json")
     monkeypatch.setattr(ck, "HASH_CACHE_MIN_BYTES", 0)

@@ -38,7 +38,7 @@ def test_os_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 
 def test_lora_strength_typo_is_named(tmp_path, capsys):
     from dev2pro.errors import UserError
-    from dev2pro.sampling import apply_loras
+    from dev2pro.lora.apply import apply_loras
 
     f = tmp_path / "style.safetensors"
     f.write_bytes(b"")

@@ -1,4 +1,5 @@
-"""`dev2pro.compare`: statistics against closed forms, the work plan, the verdict, and a full run with a fake toolkit
+"""`dev2pro.eval.compare`: statistics against closed forms, the work plan, the verdict, and a full run with a fake
+toolkit
 (images whose judge scores are known in closed form) producing the report files."""
 
 import contextlib
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dev2pro import compare as C
 from dev2pro.config import from_dict
 from dev2pro.errors import ConfigError, UserError
+from dev2pro.eval import compare as C
 
 
 @pytest.fixture(autouse=True)
@@ -288,7 +289,7 @@ def test_missing_files_are_one_line_errors(tmp_path):
 
 
 def _random_lora(model, seed: int, scale: float = 0.5):
-    from dev2pro.lora import LoraLayer, LoraWeights, resolve_targets
+    from dev2pro.lora.inject import LoraLayer, LoraWeights, resolve_targets
 
     g = torch.Generator().manual_seed(seed)
     mods = dict(model.named_modules())
@@ -301,8 +302,8 @@ def _random_lora(model, seed: int, scale: float = 0.5):
 
 
 def test_compare_with_real_components_on_tiny_models(tmp_path):
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.lora_files import save_lora
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.lora.files import save_lora
     from dev2pro.toy import judge as toy_judge
     from dev2pro.toy.world import write_dataset
 

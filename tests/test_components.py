@@ -2,15 +2,17 @@
 written to temp folders (no downloads)."""
 
 import string
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from dev2pro import components as C
 from dev2pro.errors import CheckpointError, UserError
+from dev2pro.flux import components as C
 
 TINY_AE = dict(
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
@@ -190,15 +192,35 @@ def test_text_encoder_errors(tmp_path, text_folders):
         C.load_text_encoder("toy", root / "clip")
 
 
-def test_toy_refs_delegate_to_toy_world(monkeypatch):
-    fake = types.ModuleType("dev2pro.toy.world")
-    fake.ToyAutoencoder = lambda: "toy-ae"
-    fake.ToyTextEncoder = lambda: "toy-text"
-    monkeypatch.setitem(sys.modules, "dev2pro.toy", types.ModuleType("dev2pro.toy"))
-    monkeypatch.setitem(sys.modules, "dev2pro.toy.world", fake)
-    assert C.load_autoencoder("toy") == "toy-ae"
-    assert C.load_text_encoder("toy", "toy") == "toy-text"
-    assert C.load_text_encoder("toy") == "toy-text"
+def test_named_refs_resolve_through_the_provider_registry(monkeypatch, tmp_path):
+    """`flux` never imports the toy world: "toy" (and any registered name) resolves through `flux.providers`."""
+    from dev2pro.flux import checkpoint, providers
+
+    fake = types.ModuleType("fake_provider")
+    fake.autoencoder = lambda: "fake-ae"
+    fake.text_encoder = lambda: "fake-text"
+    fake.model_path = lambda name: tmp_path / f"{name}.safetensors"
+    monkeypatch.setitem(providers.PROVIDERS, "toy", fake)
+    assert C.load_autoencoder("toy") == "fake-ae"
+    assert C.load_text_encoder("toy", "toy") == "fake-text"
+    assert C.load_text_encoder("toy") == "fake-text"
+    assert checkpoint.resolve_ref("toy:pro") == tmp_path / "pro.safetensors"
+    assert checkpoint.resolve_ref("some/file:with-colon.safetensors") == Path("some/file:with-colon.safetensors")
+    monkeypatch.setitem(providers.PROVIDERS, "mine", types.ModuleType("bare"))
+    with pytest.raises(UserError, match="'mine' provides no autoencoder"):
+        C.load_autoencoder("mine")
+
+
+def test_flux_layer_imports_nothing_above_it():
+    """Layering: `dev2pro.flux` imports no LoRA, data, training, evaluation or toy module (checked in a fresh
+    interpreter, so nothing imported by other tests hides it)."""
+    code = ("import sys, dev2pro.flux.checkpoint, dev2pro.flux.components, dev2pro.flux.sampling, dev2pro.flux.fp8, "
+            "dev2pro.flux.flow, dev2pro.flux.keymap, dev2pro.flux.models\n"
+            "bad = [m for m in sys.modules if m.split('.')[:2] in (['dev2pro', 'lora'], ['dev2pro', 'data'], "
+            "['dev2pro', 'train'], ['dev2pro', 'eval'], ['dev2pro', 'toy'])]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_real_flux_ae_layout_on_meta():

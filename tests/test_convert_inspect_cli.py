@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dev2pro import checkpoint
 from dev2pro.cli import main
 from dev2pro.commands.convert import output_check_decision
-from dev2pro.models import PRESETS, random_transformer
+from dev2pro.flux import checkpoint
+from dev2pro.flux.models import PRESETS, random_transformer
 
 SPEC = PRESETS["tiny-dev"]
 
@@ -102,7 +102,7 @@ def test_inspect_hands_lora_files_over(tmp_path, capsys, monkeypatch):
     assert checkpoint.detect_format(path) == "lora"
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "rank" in out and "kohya" in out.lower()
-    monkeypatch.setitem(sys.modules, "dev2pro.lora_files", None)  # the LoRA module missing: generic description
+    monkeypatch.setitem(sys.modules, "dev2pro.lora.files", None)  # the LoRA module missing: generic description
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "LoRA (3 tensors)" in out and "ss_network_dim = 4" in out
     code, _, err = _run(capsys, "convert", path, tmp_path / "x.safetensors")

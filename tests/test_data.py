@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dev2pro.config import load_config
-from dev2pro.data import (
+from dev2pro.data.folders import (
     DataConfig,
     DataItem,
     apply_trigger,

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from dev2pro import compare as C
-from dev2pro import demo as D
+from dev2pro.eval import compare as C
+from dev2pro.eval import demo as D
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     C.load_compare_config(out / "configs" / "compare.toml")
 
     # the three LoRAs were trained with the guidance the demo promises, on the right base
-    from dev2pro.lora_files import load_lora
+    from dev2pro.lora.files import load_lora
 
     for name, _, base, g in D.LORAS:
         meta = load_lora(out / f"lora-{name}" / f"style-{name}.safetensors").metadata

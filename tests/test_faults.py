@@ -166,7 +166,7 @@ def test_disk_full_while_saving_is_one_line_and_previous_checkpoint_intact(toy_d
 
 
 def test_nan_loss_stops_naming_the_step_and_last_good_checkpoint(toy_data, tmp_path, monkeypatch, capsys):
-    from dev2pro import flow
+    from dev2pro.flux import flow
 
     real = flow.flow_loss
     calls = {"n": 0}
@@ -316,7 +316,7 @@ def test_train_lora_runs_on_the_bad_folder_with_skips_counted(bad_data, tmp_path
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> dict[str, Path]:
-    from dev2pro import models
+    from dev2pro.flux import models
 
     d = tmp_path_factory.mktemp("files")
     good = models.random_transformer(models.PRESETS["tiny-dev"])

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from dev2pro import flow
+from dev2pro.flux import flow
 
 
 def test_interpolation_endpoints_and_target():

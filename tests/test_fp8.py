@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dev2pro import checkpoint, fp8, keymap
-from dev2pro.models import PRESETS, FluxSpec, random_transformer
+from dev2pro.flux import checkpoint, fp8, keymap
+from dev2pro.flux.models import PRESETS, FluxSpec, random_transformer
 
 E4M3 = torch.float8_e4m3fn
 # Small but not tiny: hidden 256 gives rows of 256..1280 weights, enough for stable error statistics.
@@ -251,7 +251,7 @@ def test_peft_lora_wraps_an_fp8_base_linear(tmp_path):
     assert torch.allclose(layer(x).float(), expected, rtol=1e-2, atol=1e-2)
 
     inputs = checkpoint.fixed_inputs(spec)
-    from dev2pro.models import predict
+    from dev2pro.flux.models import predict
 
     out = predict(model, inputs["x"].bfloat16(), inputs["t"], inputs["txt"].bfloat16(), inputs["pooled"].bfloat16(),
                   inputs["img_ids"], inputs["txt_ids"], inputs["guidance"])

@@ -6,8 +6,8 @@ import torch
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file
 
-from dev2pro import checkpoint, keymap
-from dev2pro.models import PRESETS, random_transformer
+from dev2pro.flux import checkpoint, keymap
+from dev2pro.flux.models import PRESETS, random_transformer
 
 
 def _distinct_rows_state_dict(spec, dtype, seed=0):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dev2pro import fp8
 from dev2pro.errors import UserError
-from dev2pro.lora import (
+from dev2pro.flux import fp8
+from dev2pro.flux.models import PRESETS, image_ids, predict, random_transformer, text_ids
+from dev2pro.lora.inject import (
     LoraLayer,
     LoraWeights,
     add_lora,
@@ -20,7 +21,6 @@ from dev2pro.lora import (
     set_lora_strength,
     unmerge_lora_from_model,
 )
-from dev2pro.models import PRESETS, image_ids, predict, random_transformer, text_ids
 
 SPEC = PRESETS["tiny-dev"]
 

@@ -2,11 +2,11 @@
 
 import torch
 
-from dev2pro.checkpoint import load_transformer, save_transformer
 from dev2pro.cli import main
-from dev2pro.lora import LoraLayer, LoraWeights, linear_modules, merge_lora_into_model
-from dev2pro.lora_files import load_lora, save_lora
-from dev2pro.models import PRESETS, random_transformer
+from dev2pro.flux.checkpoint import load_transformer, save_transformer
+from dev2pro.flux.models import PRESETS, random_transformer
+from dev2pro.lora.files import load_lora, save_lora
+from dev2pro.lora.inject import LoraLayer, LoraWeights, linear_modules, merge_lora_into_model
 
 SPEC = PRESETS["tiny-dev"]
 

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dev2pro.errors import CheckpointError, UserError
-from dev2pro.lora import LoraLayer, LoraWeights, add_lora, linear_modules, lora_parameters, lora_state_dict
-from dev2pro.lora_files import (
+from dev2pro.flux.models import PRESETS, image_ids, predict, random_transformer, text_ids
+from dev2pro.lora.files import (
     METADATA_KEYS,
     describe_lora,
     detect_format,
@@ -23,7 +23,7 @@ from dev2pro.lora_files import (
     to_state_dict,
     training_metadata,
 )
-from dev2pro.models import PRESETS, image_ids, predict, random_transformer, text_ids
+from dev2pro.lora.inject import LoraLayer, LoraWeights, add_lora, linear_modules, lora_parameters, lora_state_dict
 
 SPEC = PRESETS["tiny-dev"]
 H = SPEC.hidden_size
@@ -346,7 +346,7 @@ def test_describe_lora_summarises(tmp_path):
 
 def test_model_keys_check_uses_file_names(tmp_path):
     """A LoRA read from a file for a bigger model fails against a tiny model with the key and both shapes."""
-    from dev2pro.lora import merge_lora_into_model
+    from dev2pro.lora.inject import merge_lora_into_model
 
     save_lora(tmp_path / "big.safetensors", _all_linear_lora(64), "kohya")
     model = random_transformer(SPEC)
@@ -364,8 +364,8 @@ def test_diffusers_loads_our_kohya_file_into_a_full_width_model(tmp_path):
     from diffusers import FluxPipeline
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-    from dev2pro.lora import resolve_targets
-    from dev2pro.models import build_transformer
+    from dev2pro.flux.models import build_transformer
+    from dev2pro.lora.inject import resolve_targets
 
     model = build_transformer(PRESETS["flux-1block"], device="meta").to_empty(device="cpu").to(torch.bfloat16)
     lin = linear_modules(model)

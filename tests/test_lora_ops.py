@@ -4,13 +4,13 @@ merging into fp8 re-quantizes, resize equals the truncated SVD (closed-form refe
 import pytest
 import torch
 
-from dev2pro import fp8
-from dev2pro.checkpoint import convert_checkpoint, load_transformer, save_transformer
 from dev2pro.errors import UserError
-from dev2pro.lora import LoraLayer, LoraWeights, linear_modules, merge_lora_into_model
-from dev2pro.lora_files import load_lora, save_lora
-from dev2pro.lora_ops import extract_lora, lowrank_factors, merge_into_checkpoint, resize_factors, resize_lora
-from dev2pro.models import PRESETS, random_transformer
+from dev2pro.flux import fp8
+from dev2pro.flux.checkpoint import convert_checkpoint, load_transformer, save_transformer
+from dev2pro.flux.models import PRESETS, random_transformer
+from dev2pro.lora.files import load_lora, save_lora
+from dev2pro.lora.inject import LoraLayer, LoraWeights, linear_modules, merge_lora_into_model
+from dev2pro.lora.ops import extract_lora, lowrank_factors, merge_into_checkpoint, resize_factors, resize_lora
 
 SPEC = PRESETS["tiny-dev"]
 PLANTED = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.ff.net.2",

@@ -3,7 +3,7 @@
 Per-process batch b over 2 processes must match 1 process with batch 2b (same seed, same data; 2 accumulated
 micro-batches per step, so DDP's no_sync path runs too) in loss trajectory within float tolerance: the sampler gives
 rank r the items [r b, (r + 1) b) of each global batch and the objective's noise, times and dropout are drawn for the
-global batch (see dev2pro.training). A checkpoint written by 2 processes must resume in 1. The same file is the
+global batch (see dev2pro.train.training). A checkpoint written by 2 processes must resume in 1. The same file is the
 worker script (`python tests/test_multiprocess.py --worker ...`).
 """
 
@@ -27,9 +27,9 @@ STEPS = 4
 def _worker(out: str, strategy: str, batch: int, steps: int, save_every: int, resume: bool) -> None:
     import torch
 
-    from dev2pro import training as T
-    from dev2pro.recipes import dedistill
     from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, make_batch
+    from dev2pro.train import training as T
+    from dev2pro.train.recipes import dedistill
 
     torch.set_num_threads(1)
     images, captions, _ = make_batch(8, 0)

@@ -2,15 +2,14 @@
 peak estimate against a measured peak on this CPU (within 20%)."""
 
 import dataclasses
-import importlib.util
 import sys
 
 import pytest
 import torch
 
-from dev2pro import models
-from dev2pro import plan_memory as pm
 from dev2pro.cli import main
+from dev2pro.flux import models
+from dev2pro.train import plan_memory as pm
 
 SMALL = models.FluxSpec(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
                         vec_in_dim=32, axes_dim=(16, 56, 56))
@@ -32,14 +31,14 @@ def test_parameter_tables_match_the_diffusers_model():
 
 
 def pm_is_quantized(name, shape):
-    from dev2pro.fp8 import is_quantized_key
+    from dev2pro.flux.fp8 import is_quantized_key
 
     return is_quantized_key(name, shape)
 
 
 @pytest.mark.parametrize("targets", ["attention", "all-linear"])
 def test_lora_param_count_matches_add_lora(targets):
-    from dev2pro.lora import add_lora, lora_parameters
+    from dev2pro.lora.inject import add_lora, lora_parameters
 
     spec = models.PRESETS["tiny-dev"]
     model = models.random_transformer(spec)
@@ -49,7 +48,7 @@ def test_lora_param_count_matches_add_lora(targets):
 
 def _saved_bytes_per_block(spec, weight_dtype, autocast, targets, n_img_side=16, n_txt=16):
     """Bytes autograd saves inside each block (parameters and storages seen before excluded)."""
-    from dev2pro.lora import add_lora
+    from dev2pro.lora.inject import add_lora
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[weight_dtype]
     model = models.random_transformer(spec, dtype=dtype)
@@ -142,7 +141,7 @@ def test_cli_reads_a_recipe_config_with_overrides(tmp_path, capsys):
     assert "rank 32" in out and "768px" in out and "fp8 base" in out and "ckpt=on" in out
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dev2pro.recipes.train_lora") is None, reason="train-lora not there yet")
+
 def test_cli_config_errors_are_the_trainers(tmp_path, capsys):
     cfg = tmp_path / "lora.toml"
     cfg.write_text('[model]\nbase = "preset:flux-dev"\n[data]\ndir = "x"\n[train]\nsteps = 10\nstepz = 3\n'

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dev2pro import training as T
-from dev2pro.models import PRESETS, has_guidance_embed, image_ids, pack_latents, random_transformer, text_ids
+from dev2pro.flux.models import PRESETS, has_guidance_embed, image_ids, pack_latents, random_transformer, text_ids
+from dev2pro.train import training as T
 from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -50,8 +50,8 @@ def read_log(path):
 
 
 def test_train_base_loss_falls_and_writes_bfl_file(tmp_path):
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.recipes import train_base
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.train.recipes import train_base
 
     cfg = train_base.TrainBaseConfig(
         model=T.ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(30, lr=3e-3),
@@ -74,7 +74,7 @@ def test_train_base_loss_falls_and_writes_bfl_file(tmp_path):
 def test_caption_dropout_rate_and_global_draw():
     from accelerate import Accelerator
 
-    from dev2pro.recipes.train_base import caption_dropout
+    from dev2pro.train.recipes.train_base import caption_dropout
 
     acc = Accelerator(cpu=True)
     txt, pooled = torch.ones(4000, 2, 3), torch.ones(4000, 5)
@@ -91,7 +91,7 @@ def test_caption_dropout_rate_and_global_draw():
 
 @pytest.mark.parametrize("teacher_preset", ["tiny-pro", "tiny-dev"])
 def test_student_from_teacher_equals_teacher_at_step0(teacher_preset):
-    from dev2pro.recipes.distill import student_from_teacher
+    from dev2pro.train.recipes.distill import student_from_teacher
 
     teacher = random_transformer(PRESETS[teacher_preset], seed=3, std=0.1)
     # give the time/guidance embedders non-trivial biases so the g = 1 embedding matters
@@ -111,7 +111,7 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
     """Distance of the student at w to the teacher's CFG output v_u + w (v_c - v_u), at w values never drawn exactly,
     on fixed probe inputs: 0 at w = 1 at step 0 (zero-init), then falling at w > 1. Measured (40 steps, lr 5e-4):
     w = 2.3: 0.151 -> 0.085, w = 4.1: 0.334 -> 0.185; w = 1: 0 -> 0.17 (a short run first fits the mean w)."""
-    from dev2pro.recipes import distill
+    from dev2pro.train.recipes import distill
 
     teacher = random_transformer(PRESETS["tiny-pro"], seed=1, std=0.1)
     with torch.no_grad():  # a teacher whose conditional and unconditional predictions differ clearly
@@ -145,8 +145,8 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
 
 
 def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teacher(tmp_path, monkeypatch):
-    from dev2pro.fp8 import Fp8Linear
-    from dev2pro.recipes import distill
+    from dev2pro.flux.fp8 import Fp8Linear
+    from dev2pro.train.recipes import distill
 
     teacher = random_transformer(PRESETS["tiny-pro"], seed=1, std=0.1)
     reference = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -168,8 +168,8 @@ def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teache
 
 
 def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch):
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.recipes import dedistill
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.train.recipes import dedistill
 
     seen = []
     real = T.forward_flux
@@ -198,7 +198,7 @@ def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch)
 def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from dev2pro.recipes import dedistill
+    from dev2pro.train.recipes import dedistill
 
     def cfg(out):
         return dedistill.DedistillConfig(
@@ -226,7 +226,7 @@ def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, m
 
 
 def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
-    from dev2pro.recipes import dedistill
+    from dev2pro.train.recipes import dedistill
 
     cfg = dedistill.DedistillConfig(model=T.ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(2),
                                     output=T.OutputConfig(dir=str(tmp_path / "x")))
@@ -248,7 +248,7 @@ def test_shipped_configs_load_strictly(tmp_path, name, module, cls):
 
     from dev2pro.config import dump_toml, load_config
 
-    mod = importlib.import_module(f"dev2pro.recipes.{module}")
+    mod = importlib.import_module(f"dev2pro.train.recipes.{module}")
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml"
     cfg = load_config(getattr(mod, cls), path, [f"data.dir={tmp_path}", f"output.dir={tmp_path / 'o'}"])
     assert cfg.train.guidance == 1.0 or module == "distill"

@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dev2pro import cli, sampling
-from dev2pro.lora import LoraLayer, LoraWeights, merge_lora_into_model
-from dev2pro.lora_files import save_lora
-from dev2pro.models import random_transformer
+from dev2pro import cli
+from dev2pro.flux import sampling
+from dev2pro.flux.models import random_transformer
+from dev2pro.lora.files import save_lora
+from dev2pro.lora.inject import LoraLayer, LoraWeights, merge_lora_into_model
 from test_components import ae_files, text_folders, tiny_vae  # noqa: F401  (module fixtures: tiny real components)
 
 PROMPTS = ["a red circle on a black background", "a small green cross on a white background, top left"]
@@ -46,8 +47,8 @@ def lora_file(tmp_path_factory):
 
 
 def test_sample_writes_images_that_match_the_sampler(tmp_path, capsys, lora_file):
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.lora_files import load_lora
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.lora.files import load_lora
     from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder
 
     out = tmp_path / "out"
@@ -113,9 +114,9 @@ def test_sample_help_has_examples():
 
 def test_sample_with_real_component_loaders_and_fp8_base(tmp_path, capsys, ae_files, text_folders):  # noqa: F811
     """The real-Flux path at tiny size: BFL ae.safetensors, a pipeline folder for T5 + CLIP, an fp8 BFL base."""
-    from dev2pro.checkpoint import load_transformer, save_transformer
-    from dev2pro.components import load_autoencoder, load_text_encoder
-    from dev2pro.models import FluxSpec
+    from dev2pro.flux.checkpoint import load_transformer, save_transformer
+    from dev2pro.flux.components import load_autoencoder, load_text_encoder
+    from dev2pro.flux.models import FluxSpec
 
     root, _ = text_folders
     spec = FluxSpec(in_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2, depth=1,

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dev2pro import sampling as S
-from dev2pro.flow import sampling_schedule
-from dev2pro.models import PRESETS, image_ids, pack_latents, random_transformer, text_ids
+from dev2pro.flux import sampling as S
+from dev2pro.flux.flow import sampling_schedule
+from dev2pro.flux.models import PRESETS, image_ids, pack_latents, random_transformer, text_ids
+from dev2pro.lora.apply import apply_loras, parse_lora_arg
 
 
 class PointMass(torch.nn.Module):
@@ -186,7 +187,7 @@ def test_generate_true_cfg_equals_manual_two_pass(toy):
         z = S.denoise(model, x, txt, pooled, image_ids(8, 8), text_ids(txt.shape[1]),
                       sampling_schedule(2, seq_len=16), guidance=1.0, cfg=2.0, neg_txt=ntxt, neg_pooled=npooled)
         model.train()
-    from dev2pro.models import unpack_latents
+    from dev2pro.flux.models import unpack_latents
 
     torch.testing.assert_close(out, ae.decode(unpack_latents(z, 8, 8)).clamp(-1, 1))
 
@@ -215,16 +216,16 @@ def test_grid_and_pil(tmp_path):
 
 
 def test_parse_lora_arg():
-    assert S.parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
-    assert S.parse_lora_arg("style.safetensors:0.75") == ("style.safetensors", 0.75)
-    assert S.parse_lora_arg(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
-    assert S.parse_lora_arg(r"C:\loras\x.safetensors:-1") == (r"C:\loras\x.safetensors", -1.0)
+    assert parse_lora_arg("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_lora_arg("style.safetensors:0.75") == ("style.safetensors", 0.75)
+    assert parse_lora_arg(r"C:\loras\x.safetensors") == (r"C:\loras\x.safetensors", 1.0)
+    assert parse_lora_arg(r"C:\loras\x.safetensors:-1") == (r"C:\loras\x.safetensors", -1.0)
 
 
 def test_apply_loras_merges_each_file_at_its_strength(tmp_path):
     from dev2pro.errors import UserError
-    from dev2pro.lora import LoraLayer, LoraWeights
-    from dev2pro.lora_files import save_lora
+    from dev2pro.lora.files import save_lora
+    from dev2pro.lora.inject import LoraLayer, LoraWeights
 
     g = torch.Generator().manual_seed(0)
     key = "transformer_blocks.0.attn.to_q"
@@ -234,9 +235,9 @@ def test_apply_loras_merges_each_file_at_its_strength(tmp_path):
     save_lora(tmp_path / "b.safetensors", LoraWeights(layers={key: b}), format="diffusers")
     model = random_transformer(PRESETS["tiny-dev"], seed=0)
     w0 = model.transformer_blocks[0].attn.to_q.weight.detach().clone()
-    assert S.apply_loras(model, [(str(tmp_path / "a.safetensors"), 0.5), (str(tmp_path / "b.safetensors"), -1.0)]) \
+    assert apply_loras(model, [(str(tmp_path / "a.safetensors"), 0.5), (str(tmp_path / "b.safetensors"), -1.0)]) \
         is model
     expected = w0 + 0.5 * (1.0 / 2) * a.up @ a.down - 1.0 * (8.0 / 4) * b.up @ b.down
     torch.testing.assert_close(model.transformer_blocks[0].attn.to_q.weight.detach(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="not found"):
-        S.apply_loras(model, [(str(tmp_path / "missing.safetensors"), 1.0)])
+        apply_loras(model, [(str(tmp_path / "missing.safetensors"), 1.0)])

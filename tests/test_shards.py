@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from dev2pro.cli import main as cli_main
-from dev2pro.data import DataConfig, load_image, scan_dataset
+from dev2pro.data.folders import DataConfig, load_image, scan_dataset
+from dev2pro.data.shards import ShardStream, plan_shards, read_info, write_shards
 from dev2pro.errors import DataError
-from dev2pro.shards import ShardStream, plan_shards, read_info, write_shards
 
 
 class FakeAE:

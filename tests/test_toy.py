@@ -106,11 +106,11 @@ def test_text_encoder_determinism_word_order_and_empty_prompt():
 
 
 def test_components_build_the_toy_world_defaults():
-    from dev2pro.components import load_autoencoder, load_text_encoder
+    from dev2pro.flux.components import load_autoencoder, load_text_encoder
 
     ae, te = load_autoencoder("toy"), load_text_encoder("toy", "toy")
     assert ae.identity == world.ToyAutoencoder().identity and te.identity == world.ToyTextEncoder().identity
-    from dev2pro.models import PRESETS
+    from dev2pro.flux.models import PRESETS
 
     for name in ("tiny-dev", "tiny-pro", "toy-dev", "toy-pro"):
         spec = PRESETS[name]
@@ -180,8 +180,8 @@ def test_judge_scores_prompt_adherence_and_style(judge):
 def test_shipped_toy_models_load(name):
     if not model_path(name, must_exist=False).exists():
         pytest.skip("toy models not built yet (dev2pro toy build)")
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.models import PRESETS, has_guidance_embed
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.models import PRESETS, has_guidance_embed
 
     model = load_transformer(f"toy:{name}")
     assert has_guidance_embed(model) == (name == "dev")
@@ -193,8 +193,8 @@ def test_shipped_toy_models_load(name):
 def test_shipped_toy_models_follow_prompts(judge):
     if not model_path("dev", must_exist=False).exists():
         pytest.skip("toy models not built yet (dev2pro toy build)")
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.sampling import generate
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.sampling import generate
 
     _, captions, _ = world.make_batch(16, seed=31337)
     ae, text = world.ToyAutoencoder(), world.ToyTextEncoder()
@@ -235,8 +235,8 @@ def test_build_pipeline_smoke(tmp_path):
     saved = json.loads((tmp_path / "assets" / "toy.json").read_text())
     assert saved["settings"]["pro_steps"] == 2 and set(saved["eval"]) >= {"pro_cfg4", "dev_g3.5"}
     assert 0.0 <= meta["eval"]["dev_g3.5"]["adherence"] <= 1.0
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.models import has_guidance_embed
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.models import has_guidance_embed
 
     assert has_guidance_embed(load_transformer(tmp_path / "assets" / "toy-dev.safetensors"))
     assert not has_guidance_embed(load_transformer(tmp_path / "assets" / "toy-pro.safetensors"))

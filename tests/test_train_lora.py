@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dev2pro import training as T
-from dev2pro.recipes import train_lora as R
+from dev2pro.train import training as T
+from dev2pro.train.recipes import train_lora as R
 from helpers import toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def losses(out: Path) -> list[float]:
 def trained_like_base(tmp_path_factory) -> Path:
     """A tiny base whose outputs have the scale of a trained model's (init std 0.2 instead of 0.02: with 0.02 the
     frozen output layer caps the prediction at ~0.1 and no LoRA on the blocks can fit a unit-variance target)."""
-    from dev2pro.checkpoint import save_transformer
-    from dev2pro.models import PRESETS, random_transformer
+    from dev2pro.flux.checkpoint import save_transformer
+    from dev2pro.flux.models import PRESETS, random_transformer
 
     path = tmp_path_factory.mktemp("base") / "tiny-dev-s02.safetensors"
     save_transformer(random_transformer(PRESETS["tiny-dev"], seed=0, std=0.2), path, format="bfl")
@@ -105,9 +105,9 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
 
 
 def test_adapter_equals_training_on_merged_base(tmp_path):
-    from dev2pro.checkpoint import load_transformer, save_transformer
-    from dev2pro.lora import LoraLayer, LoraWeights, merge_lora_into_model, resolve_targets
-    from dev2pro.lora_files import save_lora
+    from dev2pro.flux.checkpoint import load_transformer, save_transformer
+    from dev2pro.lora.files import save_lora
+    from dev2pro.lora.inject import LoraLayer, LoraWeights, merge_lora_into_model, resolve_targets
 
     base = load_transformer("preset:tiny-dev@0")
     g = torch.Generator().manual_seed(5)
@@ -191,8 +191,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, case, capsys):
 
 def test_lora_on_an_fp8_base_with_bf16_autocast(tmp_path):
     """fp32 LoRA on an fp8 file (block linears Fp8Linear, the rest bf16), bf16 autocast: trains and saves."""
-    from dev2pro.checkpoint import save_transformer
-    from dev2pro.models import PRESETS, random_transformer
+    from dev2pro.flux.checkpoint import save_transformer
+    from dev2pro.flux.models import PRESETS, random_transformer
 
     base = tmp_path / "fp8.safetensors"
     save_transformer(random_transformer(PRESETS["tiny-dev"], seed=0, std=0.2), base, format="bfl",
@@ -210,9 +210,9 @@ def test_lora_on_an_fp8_base_with_bf16_autocast(tmp_path):
 def test_diffusers_loader_reproduces_the_trained_model(tmp_path, trained_like_base):
     """Oracle: the diffusers-format LoRA loaded by diffusers' own `load_lora_adapter` into a fresh base gives the
     output of our trained model as it was in memory (rebuilt from the final checkpoint's raw peft weights)."""
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.lora import add_lora
-    from dev2pro.models import image_ids, pack_latents, predict, text_ids
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.models import image_ids, pack_latents, predict, text_ids
+    from dev2pro.lora.inject import add_lora
 
     cfg = config(tmp_path / "o", 3, lora=T.LoraConfig(rank=4, alpha=4.0, targets="all-linear"))
     cfg = dataclasses.replace(cfg, output=T.LoraOutputConfig(dir=str(tmp_path / "o"), format="diffusers",

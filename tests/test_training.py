@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dev2pro import training as T
 from dev2pro.errors import UserError
+from dev2pro.train import training as T
 from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -126,8 +126,8 @@ def test_output_dir_not_writable_is_one_line(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, monkeypatch):
-    from dev2pro import flow
-    from dev2pro.recipes import train_base
+    from dev2pro.flux import flow
+    from dev2pro.train.recipes import train_base
 
     real = flow.flow_loss
     calls = {"n": 0}
@@ -184,7 +184,7 @@ def test_ema_matches_the_recurrence():
 
 
 def test_monitor_metrics_closed_form():
-    from dev2pro.monitor import rel_norm
+    from dev2pro.train.monitor import rel_norm
 
     a, b = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])
     assert rel_norm(a, a) == 0.0
@@ -193,7 +193,7 @@ def test_monitor_metrics_closed_form():
 
 
 def _lora_monitor_run(tmp_path, base: str, g: float, steps: int = 10, every: int = 5) -> list[dict]:
-    from dev2pro.recipes import train_lora as R
+    from dev2pro.train.recipes import train_lora as R
 
     out = tmp_path / f"g{g}"
     cfg = R.TrainLoraConfig(
@@ -211,8 +211,8 @@ def test_monitor_curves_move_during_a_lora_run(tmp_path):
     On a random (not guidance-distilled) tiny base the *direction* says nothing about erosion: measured with 20 steps
     at lr 3e-2, the response went 0.836 -> 1.507 training at g = 1.0 and 0.836 -> 0.961 at g = 3.5 (the random
     guidance embedding has no distilled meaning to erode). The erosion comparison needs toy:dev (next test)."""
-    from dev2pro.checkpoint import save_transformer
-    from dev2pro.models import PRESETS, random_transformer
+    from dev2pro.flux.checkpoint import save_transformer
+    from dev2pro.flux.models import PRESETS, random_transformer
 
     base = tmp_path / "base.safetensors"
     save_transformer(random_transformer(PRESETS["tiny-dev"], seed=0, std=0.2), base, format="bfl")
@@ -241,7 +241,7 @@ def test_monitor_lora_guidance_response_on_toy_dev(tmp_path):
 
 
 def test_load_model_dtypes():
-    from dev2pro.fp8 import Fp8Linear
+    from dev2pro.flux.fp8 import Fp8Linear
 
     m = T.load_model("preset:tiny-dev@0", "fp8", "cpu")
     fp8 = [mod for mod in m.modules() if isinstance(mod, Fp8Linear)]

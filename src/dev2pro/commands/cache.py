@@ -43,9 +43,9 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
-    from dev2pro import components
-    from dev2pro.data import DataConfig, scan_dataset
-    from dev2pro.shards import write_shards
+    from dev2pro.data.folders import DataConfig, scan_dataset
+    from dev2pro.data.shards import write_shards
+    from dev2pro.flux import components
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, DTYPES[args.dtype])

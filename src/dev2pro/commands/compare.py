@@ -1,4 +1,4 @@
-"""`dev2pro compare CONFIG.toml [key=value ...]`: the trained-on x applied-to evaluation (see dev2pro.compare)."""
+"""`dev2pro compare CONFIG.toml [key=value ...]`: the trained-on x applied-to evaluation (see dev2pro.eval.compare)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(args) -> int:
 
     import torch
 
-    from dev2pro.compare import idle_cpu_threads, load_compare_config, run_compare
+    from dev2pro.eval.compare import idle_cpu_threads, load_compare_config, run_compare
 
     cfg = load_compare_config(args.config, args.overrides)
     if cfg.models.device == "cpu" or (cfg.models.device == "auto" and not torch.cuda.is_available()):

@@ -1,6 +1,6 @@
 """`dev2pro convert`: rewrite a Flux transformer checkpoint in another layout, dtype or fp8 scaling, streaming.
 
-The work is `dev2pro.checkpoint.convert_checkpoint` (one tensor group in memory at a time); this module adds the
+The work is `dev2pro.flux.checkpoint.convert_checkpoint` (one tensor group in memory at a time); this module adds the
 arguments, the model-output check and the printed summary. The output check loads the source and the result one after
 the other in fp32 and compares their outputs on a fixed input; it runs automatically when one fp32 copy of the model
 fits in a quarter of the available RAM and the model has at most 3B parameters (so the 12B models are skipped on
@@ -83,7 +83,7 @@ def output_check_decision(num_params: int, mode: str) -> tuple[bool, str]:
 
 
 def main(args) -> int:
-    from dev2pro import checkpoint
+    from dev2pro.flux import checkpoint
 
     summary = checkpoint.convert_checkpoint(args.input, args.output, format=args.format, dtype=args.dtype,
                                             scaling=args.scaling, progress=True)

@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from dev2pro.config import load_config
-    from dev2pro.recipes import dedistill
+    from dev2pro.train.recipes import dedistill
 
     cfg = load_config(dedistill.DedistillConfig, args.config, args.overrides)
     path = dedistill.run(cfg, resume=args.resume)

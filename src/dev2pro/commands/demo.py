@@ -1,4 +1,4 @@
-"""`dev2pro demo [--out runs/demo] [--full] [--steps-scale X]`: the dev2pro recipe on the toy world (dev2pro.demo)."""
+"""`dev2pro demo [--out runs/demo] [--full] [--steps-scale X]`: the recipe on the toy world (dev2pro.eval.demo)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
-    from dev2pro.compare import idle_cpu_threads
-    from dev2pro.demo import DemoPlan, run_demo
     from dev2pro.errors import UserError
+    from dev2pro.eval.compare import idle_cpu_threads
+    from dev2pro.eval.demo import DemoPlan, run_demo
 
     if args.steps_scale <= 0:
         raise UserError(f"--steps-scale must be > 0, got {args.steps_scale}")
@@ -50,7 +50,7 @@ def main(args) -> int:
         print(res.verdict["text"].replace("**", ""))
     print(f"\nreport: {args.out}/report.md  ({res.total_seconds:.0f} s in all)")
     if args.docs:
-        from dev2pro.demo import write_results_doc
+        from dev2pro.eval.demo import write_results_doc
 
         cmd = "dev2pro demo" + (" --full" if args.full else "") + (
             f" --steps-scale {args.steps_scale:g}" if args.steps_scale != 1.0 else "")

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from dev2pro.config import load_config
-    from dev2pro.recipes import distill
+    from dev2pro.train.recipes import distill
 
     cfg = load_config(distill.DistillRecipeConfig, args.config, args.overrides)
     path = distill.run(cfg, resume=args.resume)

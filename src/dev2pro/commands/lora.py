@@ -97,7 +97,8 @@ def _check_out(path, inputs) -> None:
 
 
 def main(args) -> int:
-    from dev2pro import lora_files, lora_ops
+    from dev2pro.lora import files as lora_files
+    from dev2pro.lora import ops as lora_ops
 
     cmd = args.lora_command
     if cmd == "inspect":
@@ -114,7 +115,7 @@ def main(args) -> int:
         return 0
     if cmd == "merge":
         from dev2pro.errors import UserError
-        from dev2pro.sampling import parse_lora_arg
+        from dev2pro.lora.apply import parse_lora_arg
 
         loras = [parse_lora_arg(x) for x in args.loras]
         for path, _ in loras:

@@ -10,7 +10,7 @@ Estimate the peak GPU memory of a train-lora or dedistill job on Flux from its c
 overrides as the trainers) or from flags, with a breakdown: base weights by dtype (fp8 keeps norms, biases,
 embedders and the final layer in bf16), LoRA parameters, gradients and AdamW state, activations with or without
 gradient checkpointing, block swap, and encoders when latents are not cached. Then list the settings (bf16/fp8 base,
-checkpointing, block swap) that fit 12, 16, 24 and 80 GB cards. The formulas are in dev2pro/plan_memory.py and are
+checkpointing, block swap) that fit 12, 16, 24 and 80 GB cards. The formulas are in dev2pro/train/plan_memory.py and are
 validated against measured peaks on a CPU (tests/test_plan_memory.py, docs/benchmarks.md).
 
 examples:
@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from dev2pro import plan_memory as pm
     from dev2pro.errors import UserError
+    from dev2pro.train import plan_memory as pm
 
     if args.config and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides.insert(0, args.config)
@@ -86,7 +86,7 @@ def load_recipe_toml(path: str, overrides: list[str]) -> dict:
     module = "train_lora" if "lora" in raw else "dedistill"
     schema = None
     try:
-        mod = importlib.import_module(f"dev2pro.recipes.{module}")
+        mod = importlib.import_module(f"dev2pro.train.recipes.{module}")
         schema = getattr(mod, "CONFIG", None) or next(
             (v for k, v in vars(mod).items() if k.endswith("Config") and dataclasses.is_dataclass(v)
              and {"model", "train", "output"} <= {f.name for f in dataclasses.fields(v)}), None)

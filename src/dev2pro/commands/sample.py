@@ -2,7 +2,7 @@
 
 Order of work keeps peak memory low for real Flux: the text encoders embed every prompt (and the negative) and are
 freed, then the transformer is loaded (fp8 files stay fp8), LoRAs are merged into it, the Euler sampler runs
-(`dev2pro.sampling.generate`) and the autoencoder decodes. Outputs: `p<prompt index>_s<seed>.png`, `grid.png`
+(`dev2pro.flux.sampling.generate`) and the autoencoder decodes. Outputs: `p<prompt index>_s<seed>.png`, `grid.png`
 (one row per prompt, one column per seed) and `settings.json` (everything needed to reproduce the images).
 """
 
@@ -110,16 +110,17 @@ def main(args) -> int:
 
     import torch
 
-    from dev2pro import sampling
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.components import free, load_autoencoder, load_text_encoder
     from dev2pro.errors import UserError
+    from dev2pro.flux import sampling
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.components import free, load_autoencoder, load_text_encoder
+    from dev2pro.lora.apply import apply_loras, parse_lora_arg
 
     prompts = read_prompts(args)
     if not args.base.startswith(("preset:", "toy:")) and not Path(args.base).exists():
         raise UserError(f"base model '{args.base}' not found (a .safetensors file, a diffusers folder, preset:NAME "
                         "or toy:NAME)")
-    loras = [sampling.parse_lora_arg(a) for a in args.lora]
+    loras = [parse_lora_arg(a) for a in args.lora]
     for path, _ in loras:
         if not Path(path).is_file():
             raise UserError(f"LoRA file '{path}' not found")
@@ -147,7 +148,7 @@ def main(args) -> int:
     del text
 
     model = load_transformer(args.base, dtype=dtype, device=device)
-    sampling.apply_loras(model, loras)
+    apply_loras(model, loras)
     guidance = sampling.default_guidance(model, args.guidance, args.cfg)
     images = sampling.generate(model, ae, embeddings, prompts, negative=args.negative, height=height, width=width,
                                steps=args.steps, guidance=args.guidance, cfg=args.cfg, seeds=args.seed,

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from dev2pro.config import load_config
-    from dev2pro.recipes import train_base
+    from dev2pro.train.recipes import train_base
 
     cfg = load_config(train_base.TrainBaseConfig, args.config, args.overrides)
     path = train_base.run(cfg, resume=args.resume)

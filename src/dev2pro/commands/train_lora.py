@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from dev2pro.config import load_config
-    from dev2pro.recipes import train_lora
+    from dev2pro.train.recipes import train_lora
 
     cfg = load_config(train_lora.TrainLoraConfig, args.config, args.overrides)
     path = train_lora.run(cfg, resume=args.resume)

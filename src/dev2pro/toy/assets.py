@@ -1,7 +1,7 @@
 """Where the toy world's shipped files live: `src/dev2pro/assets/toy/` inside the installed package.
 
 `model_path("pro")` / `model_path("dev")` are the toy transformers as BFL-layout safetensors (what
-`dev2pro.checkpoint.load_transformer("toy:NAME")` opens), `asset_path("judge.safetensors")` the judge's weights and
+`dev2pro.flux.checkpoint.load_transformer("toy:NAME")` opens), `asset_path("judge.safetensors")` the judge's weights and
 `asset_path("toy.json")` the description of what was built, how, and how well it scores. Rebuild them with
 `dev2pro toy build`. Pitfall: a missing file raises a `CheckpointError` naming the command that makes it, rather than
 a bare FileNotFoundError.

@@ -54,7 +54,7 @@ class BuildSettings:
 
 
 def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
-    from dev2pro.training import TrainConfig
+    from dev2pro.train.training import TrainConfig
 
     return TrainConfig(steps=steps, seed=s.seed, batch_size=batch, lr=lr, betas=(0.9, 0.99), warmup_steps=100,
                        lr_schedule="cosine", min_lr_ratio=0.1, timestep_sampling=s.timestep_sampling, shift=s.shift,
@@ -62,15 +62,15 @@ def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
 
 
 def _data_config(data_dir: Path):
-    from dev2pro.data import DataConfig
+    from dev2pro.data.folders import DataConfig
 
     return DataConfig(dir=str(data_dir), resolution=world.IMAGE_SIZE)
 
 
 def pro_config(s: BuildSettings, work: Path):
     """The train-base config of the toy teacher (also written to <work>/pro/toy-pro.toml by the recipe)."""
-    from dev2pro.recipes.train_base import BaseSection, TrainBaseConfig
-    from dev2pro.training import ModelConfig, OutputConfig
+    from dev2pro.train.recipes.train_base import BaseSection, TrainBaseConfig
+    from dev2pro.train.training import ModelConfig, OutputConfig
 
     return TrainBaseConfig(
         model=ModelConfig(base=f"preset:toy-pro@{s.seed}", t5="toy", clip="toy", autoencoder="toy"),
@@ -83,8 +83,8 @@ def pro_config(s: BuildSettings, work: Path):
 
 def dev_config(s: BuildSettings, work: Path, teacher: Path):
     """The distill config of the toy student."""
-    from dev2pro.recipes.distill import DistillRecipeConfig, DistillSection
-    from dev2pro.training import ModelConfig, OutputConfig
+    from dev2pro.train.recipes.distill import DistillRecipeConfig, DistillSection
+    from dev2pro.train.training import ModelConfig, OutputConfig
 
     return DistillRecipeConfig(
         model=ModelConfig(base=str(teacher), t5="toy", clip="toy", autoencoder="toy"),
@@ -106,7 +106,7 @@ def evaluate(model, judge, *, n_prompts: int = 64, seeds: int = 2, steps: int = 
              guidance: float | None = None, prompt_seed: int = 777, progress: bool = False) -> dict:
     """Judge scores of `model` on `n_prompts` fresh generator captions x `seeds`: mean prompt adherence, accuracy per
     attribute, mean style probability, Frechet distance and diversity vs real images of the same captions."""
-    from dev2pro import sampling
+    from dev2pro.flux import sampling
     from dev2pro.toy.judge import diversity, frechet_distance
 
     real, captions, _ = world.make_batch(n_prompts, seed=prompt_seed)
@@ -142,10 +142,10 @@ def install(pro: Path, dev: Path, meta: dict, asset_dir: Path | None = None) -> 
 def build(work: str | Path, settings: BuildSettings | None = None, *, install_to: str | Path | None = None,
           do_install: bool = True, progress: bool = True) -> dict:
     """Run the whole build in `work` (resumable per stage); returns the description written to toy.json."""
-    from dev2pro.checkpoint import load_transformer
-    from dev2pro.recipes import distill, train_base
-    from dev2pro.sampling import save_grid
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.flux.sampling import save_grid
     from dev2pro.toy.judge import Judge
+    from dev2pro.train.recipes import distill, train_base
 
     s = settings or BuildSettings()
     work = Path(work)
@@ -186,7 +186,7 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
         save_grid(ev.pop("images")[:64], work / f"eval-{name}.png", ncols=8)
         ev.pop("captions")
 
-    from dev2pro.models import PRESETS
+    from dev2pro.flux.models import PRESETS
 
     meta = {
         "settings": asdict(s),

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dev2pro import flow
+from dev2pro.flux import flow
 
 
 def rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +50,7 @@ class GuidanceProbe:
     @classmethod
     def build(cls, model, data, cfg, device) -> GuidanceProbe:
         """Fix the probe inputs from `data` (a `training.TrainData`) and record the starting model's outputs."""
-        from dev2pro.models import has_guidance_embed, image_ids, pack_latents, text_ids
+        from dev2pro.flux.models import has_guidance_embed, image_ids, pack_latents, text_ids
 
         ds = data.dataset
         if ds is None:  # a shard stream: a fixed batch of one bucket read at setup
@@ -90,7 +90,7 @@ class GuidanceProbe:
     @torch.no_grad()
     def outputs(self, model) -> dict[str, torch.Tensor]:
         """Predictions on the probe at every guidance value the metrics need (float32, CPU)."""
-        from dev2pro.training import forward_flux, unwrap
+        from dev2pro.train.training import forward_flux, unwrap
 
         net = unwrap(model)
         was_training = net.training

@@ -2,7 +2,7 @@
 difference of two models, resize a LoRA's rank.
 
 - `merge_into_checkpoint(base, out, [(lora, strength), ...])`: `W += sum strength * alpha / r * B @ A`, computed in
-  fp32 while the base is copied tensor group by tensor group (`dev2pro.checkpoint`'s streaming writer). An fp8 base
+  fp32 while the base is copied tensor group by tensor group (`dev2pro.flux.checkpoint`'s streaming writer). An fp8 base
   is dequantized, merged and re-quantized with the chosen scaling (default: the base's own); other dtypes as given.
 - `extract_lora(a, b, out, rank=R | energy=0.9)`: per Linear weight, the best rank-r approximation of `B - A`
   (Eckart-Young) by randomized SVD (`torch.svd_lowrank`, Halko et al. 2011, a few power iterations); `energy` picks
@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import checkpoint, keymap
 from dev2pro.errors import CheckpointError, UserError
-from dev2pro.lora import TARGET_PRESETS, LoraLayer, LoraWeights
-from dev2pro.lora_files import (
+from dev2pro.flux import checkpoint, keymap
+from dev2pro.lora.files import (
     FORMATS,
     bfl_lora_to_layers,
     layers_to_bfl,
     load_lora,
     save_lora,
 )
+from dev2pro.lora.inject import TARGET_PRESETS, LoraLayer, LoraWeights
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure math

@@ -1,5 +1,6 @@
 """Shared training components: config sections, accelerator setup, optimizer and LR schedule, the flow-matching batch,
-logging, checkpoints with exact resume. The recipes (`dev2pro.recipes.*`) are linear files built from these pieces;
+logging, checkpoints with exact resume. The recipes (`dev2pro.train.recipes.*`)
+are linear files built from these pieces;
 nothing here owns a training loop or calls back into a recipe.
 
 Reproducibility and multi-process equality (the design choices that matter):
@@ -38,8 +39,8 @@ from typing import Any, Literal
 
 import torch
 
-from dev2pro import flow
 from dev2pro.errors import ConfigError, UserError
+from dev2pro.flux import flow
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Config sections shared by the recipes (one TOML table each).
@@ -49,7 +50,7 @@ from dev2pro.errors import ConfigError, UserError
 class ModelConfig:
     """`[model]`: what to train and the encoders used to build the caches.
 
-    `base`: anything `dev2pro.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
+    `base`: anything `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
     `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
     for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file, "fp8" =
     block linears quantized on load, see `load_model`); the compute dtype is decided in one place,
@@ -163,7 +164,7 @@ def _check_output(o) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
-    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.sampling`); `cfg` != 1
+    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.flux.sampling`); `cfg` != 1
     runs true CFG with `negative`."""
 
     every: int = 0
@@ -280,13 +281,13 @@ def accumulation_context(accelerator, model, last_micro_step: bool):
 
 
 def load_model(ref: str, dtype: str, device) -> torch.nn.Module:
-    """`dev2pro.checkpoint.load_transformer` with the config's dtype names: "auto" keeps the file's storage (an fp8
+    """`dev2pro.flux.checkpoint.load_transformer` with the config's dtype names: "auto" keeps the file's storage (an fp8
     file stays fp8), "fp32"/"bf16" load everything in that dtype, "fp8" loads in bf16 and stores the block linears
-    in float8_e4m3fn with per-tensor scales (`dev2pro.fp8`), e.g. to train on a bf16 dev file in fp8 memory."""
-    from dev2pro.checkpoint import load_transformer
+    in float8_e4m3fn with per-tensor scales (`dev2pro.flux.fp8`), e.g. to train on a bf16 dev file in fp8 memory."""
+    from dev2pro.flux.checkpoint import load_transformer
 
     if dtype == "fp8":
-        from dev2pro.fp8 import swap_linears_to_fp8
+        from dev2pro.flux.fp8 import swap_linears_to_fp8
 
         model = load_transformer(ref, dtype=torch.bfloat16, device="cpu")
         return swap_linears_to_fp8(model, scaling="tensor").to(device)
@@ -303,7 +304,7 @@ def require_fp32_weights(model: ModelConfig) -> None:
 
 def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path:
     """The final full model as a BFL single file in `output.dtype` (fp8 with `output.scaling`)."""
-    from dev2pro.checkpoint import save_transformer
+    from dev2pro.flux.checkpoint import save_transformer
 
     fp8 = output.dtype.startswith("fp8")
     save_transformer(model, path, format="bfl", dtype=OUTPUT_DTYPES[output.dtype],
@@ -319,7 +320,7 @@ def full_model(accelerator, model) -> torch.nn.Module | None:
         return unwrap(model) if accelerator.is_main_process else None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from dev2pro.models import FluxSpec, build_transformer
+    from dev2pro.flux.models import FluxSpec, build_transformer
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
@@ -464,7 +465,7 @@ def flow_batch(latents: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor, t
                generator: torch.Generator, accelerator, device, dtype=torch.float32) -> FlowBatch:
     """Pack latents (b, c, h, w), draw noise and times for the global batch from `generator` and keep this rank's
     slice, build x_t and v = eps - x0 (flow.py's convention)."""
-    from dev2pro.models import image_ids, pack_latents, text_ids
+    from dev2pro.flux.models import image_ids, pack_latents, text_ids
 
     b, _, h, w = latents.shape
     x0 = pack_latents(latents.float())
@@ -496,7 +497,7 @@ def bucket_losses(per_sample: torch.Tensor, t: torch.Tensor, n_buckets: int = 4)
 
 class InMemoryDataset:
     """Cached items held in memory (dicts with `latents` (c, h, w), `txt` (L, D), `pooled` (P,)): what tests and the
-    toy world train on without writing a cache folder. Same interface as `dev2pro.cache.CachedDataset`."""
+    toy world train on without writing a cache folder. Same interface as `dev2pro.data.cache.CachedDataset`."""
 
     def __init__(self, latents: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor, captions=None):
         if not (latents.shape[0] == txt.shape[0] == pooled.shape[0]):
@@ -536,12 +537,12 @@ class TrainData:
     def bind(self, accelerator, batch_size: int, seed: int) -> TrainData:
         """Make this process's batch source: a `BucketBatchSampler` over `dataset` (global batches split by rank),
         or a `ShardStream` over `shards` (whole shards per rank)."""
-        from dev2pro.cache import BucketBatchSampler, collate
+        from dev2pro.data.cache import BucketBatchSampler, collate
 
         if "" not in self.prompts:
             raise ValueError("TrainData.prompts must hold the empty prompt '' (the unconditional embedding)")
         if self.shards is not None:
-            from dev2pro.shards import ShardStream
+            from dev2pro.data.shards import ShardStream
 
             self.sampler = ShardStream(self.shards, rank=accelerator.process_index,
                                        world_size=accelerator.num_processes, seed=seed, batch_size=batch_size,
@@ -564,7 +565,7 @@ def encode_prompts(text_encoder, prompts: list[str]) -> dict[str, tuple[torch.Te
 
 
 def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(latents (b, c, h, w), txt (b, L, D), pooled (b, P)) of a batch collated by `dev2pro.cache.collate`."""
+    """(latents (b, c, h, w), txt (b, L, D), pooled (b, P)) of a batch collated by `dev2pro.data.cache.collate`."""
     try:
         return batch["latents"], batch["txt"], batch["pooled"]
     except KeyError as e:
@@ -612,9 +613,9 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     never holds the text encoders; with `keep_autoencoder` (sample images during training) the autoencoder is kept
     on the CPU in float32 for decoding (the real Flux VAE decodes a 512px image in a few seconds there; the toy one
     is free). Call `.bind(...)` on the result for the batch sampler."""
-    from dev2pro import cache as cache_mod
-    from dev2pro import components
-    from dev2pro.data import scan_dataset
+    from dev2pro.data import cache as cache_mod
+    from dev2pro.data.folders import scan_dataset
+    from dev2pro.flux import components
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -643,9 +644,9 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
                  keep_autoencoder: bool) -> TrainData:
     """`data.dir` is a shard folder written by `dev2pro cache`: stream it; only the text encoder is loaded (for the
     prompt embeddings, checked against the encoder that made the shards) and the autoencoder if samples are decoded."""
-    from dev2pro import components
+    from dev2pro.data.shards import ShardStream, read_info
     from dev2pro.errors import DataError
-    from dev2pro.shards import ShardStream, read_info
+    from dev2pro.flux import components
 
     info = read_info(data_cfg.dir)
     text_encoder = components.load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
@@ -679,7 +680,7 @@ def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out
     `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
     encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
     forward passes; otherwise only the main process samples."""
-    from dev2pro.sampling import generate, save_grid
+    from dev2pro.flux.sampling import generate, save_grid
 
     if not sample.prompts:
         return None

@@ -19,7 +19,7 @@ shifted schedule (`linspace(1, 1/N, N)` + 0, exponential shift with mu from the 
 
 Determinism: noise is drawn per seed on the CPU in float32 (one generator per seed), so a seed gives the same image
 whatever else is in the batch and on whatever device it runs. The Euler state stays float32; only the model call
-runs in the model's compute dtype. LoRAs are merged into the model before sampling (`apply_loras`).
+runs in the model's compute dtype. LoRAs are merged into the model before sampling (`dev2pro.lora.apply.apply_loras`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from dev2pro.errors import UserError
-from dev2pro.flow import cfg_combine, euler_step, sampling_schedule
-from dev2pro.models import has_guidance_embed, image_ids, pack_latents, predict, text_ids, unpack_latents
+from dev2pro.flux.flow import cfg_combine, euler_step, sampling_schedule
+from dev2pro.flux.models import has_guidance_embed, image_ids, pack_latents, predict, text_ids, unpack_latents
 
 DEV_GUIDANCE = 3.5  # FLUX.1-dev's usual embedded guidance
 PRO_GUIDANCE_INPUT = 1.0  # guidance input of de-distilled bases (what dev2pro trains at)
@@ -233,36 +233,3 @@ def save_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# LoRAs
-
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`FILE[:strength]` -> (FILE, strength); strength 1.0 by default. Only a trailing `:number` is a strength, so
-    paths with colons (C:\\...) keep working."""
-    path, sep, tail = arg.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return arg, 1.0
-
-
-def apply_loras(model, loras: Sequence[tuple[str, float]]):
-    """Merge each (LoRA file, strength) into `model` in place (any format the LoRA loader reads); returns `model`."""
-    if not loras:
-        return model
-    from dev2pro.lora import merge_lora_into_model
-    from dev2pro.lora_files import load_lora
-
-    for path, strength in loras:
-        if not Path(path).is_file():
-            head, sep, tail = path.rpartition(":")
-            hint = (f" (if '{tail}' was meant as the strength, it must be a number: {head}:0.8)"
-                    if sep and Path(head).is_file() else "")
-            raise UserError(f"LoRA file '{path}' not found{hint}")
-        merge_lora_into_model(model, load_lora(path), strength)
-    return model

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dev2pro.data import DataItem, DatasetIndex, load_image
+from dev2pro.data.folders import DataItem, DatasetIndex, load_image
 from dev2pro.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ Formats (all safetensors; `delta W = alpha / rank * up @ down`):
   No alpha stored: scale 1 (alpha = rank).
 
 The BFL <-> diffusers module correspondence (fused pieces, the final layer's shift/scale swap) comes from
-`dev2pro.keymap`; this module only adds LoRA-specific handling of the fused layouts.
+`dev2pro.flux.keymap`; this module only adds LoRA-specific handling of the fused layouts.
 Reference: diffusers `loaders/lora_conversion_utils.py` (`_convert_kohya_flux_lora_to_diffusers`,
 `_convert_xlabs_flux_lora_to_diffusers`): our tests use it as an oracle.
 Pitfall: diffusers' kohya converter hard-codes Flux-dev sizes (3072 / 12288) for linear1; ours reads the sizes from
@@ -45,9 +45,9 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import keymap
 from dev2pro.errors import CheckpointError, UserError
-from dev2pro.lora import LoraLayer, LoraWeights
+from dev2pro.flux import keymap
+from dev2pro.lora.inject import LoraLayer, LoraWeights
 
 FORMATS = ("kohya", "diffusers")
 

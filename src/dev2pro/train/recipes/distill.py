@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import flow
-from dev2pro import training as T
 from dev2pro.config import dump_toml
-from dev2pro.data import DataConfig
+from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
+from dev2pro.flux import flow
+from dev2pro.train import training as T
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class DistillRecipeConfig:
 def student_from_teacher(teacher: torch.nn.Module, teacher_guidance: float = 1.0) -> torch.nn.Module:
     """A float32 CPU copy of `teacher` with a guidance embedding that contributes exactly what the teacher's does at
     `teacher_guidance` (nothing, for a teacher without one), whatever w is fed: student == teacher at step 0."""
-    from dev2pro.models import FluxSpec, build_transformer, has_guidance_embed
+    from dev2pro.flux.models import FluxSpec, build_transformer, has_guidance_embed
 
     spec = FluxSpec.from_diffusers_config(dict(teacher.config)).replace(guidance_embed=True)
     student = build_transformer(spec, device="cpu")
@@ -95,8 +95,8 @@ def distill_target(v_uncond: torch.Tensor, v_cond: torch.Tensor, w: torch.Tensor
 
 
 def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
-    from dev2pro import monitor as M
-    from dev2pro.models import has_guidance_embed
+    from dev2pro.flux.models import has_guidance_embed
+    from dev2pro.train import monitor as M
 
     # ---- setup
     acc = T.setup_accelerator(cfg.train)
@@ -114,7 +114,7 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
     teacher_has_g = has_guidance_embed(teacher)
     teacher.requires_grad_(False).eval()
     if cfg.distill.teacher_fp8 or cfg.model.dtype == "fp8":  # model.dtype: the frozen teacher's storage
-        from dev2pro.fp8 import swap_linears_to_fp8
+        from dev2pro.flux.fp8 import swap_linears_to_fp8
 
         swap_linears_to_fp8(teacher, scaling="tensor")
     elif cfg.model.dtype == "bf16":

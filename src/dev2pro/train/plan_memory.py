@@ -7,7 +7,7 @@ runs the same job on the CPU in a subprocess and measures its peak, which is how
 (tests/test_plan_memory.py at a small size, bench/plan_memory_validation.py at a mid size).
 
 Weights. Base weights take `numel x bytes(dtype)`. On an fp8 base only the 2-D weights of the linears inside the
-double/single blocks are fp8 (`dev2pro.fp8.is_quantized_key`: 36 h^2 per double block, 15 h^2 per single block);
+double/single blocks are fp8 (`dev2pro.flux.fp8.is_quantized_key`: 36 h^2 per double block, 15 h^2 per single block);
 biases, norm scales, embedders and the final layer stay in the compute dtype (`fp8.py` explains why).
 `Fp8Linear` dequantizes its weight in `forward` and calls `F.linear`, so autograd keeps the dequantized copy for the
 input gradient whenever the input requires grad (every block after the first LoRA); `fp8_saves_dequantized_weight()`
@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Literal
 
 from dev2pro.errors import UserError
-from dev2pro.models import PRESETS, FluxSpec, get_preset
+from dev2pro.flux.models import PRESETS, FluxSpec, get_preset
 
 GiB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -217,11 +217,11 @@ def activation_bytes_per_token(job: Job) -> dict[str, float]:
 
 
 def fp8_saves_dequantized_weight() -> bool:
-    """Does `dev2pro.fp8.Fp8Linear` leave a dequantized weight copy in the autograd graph? (probe on a tiny layer)"""
+    """Does `dev2pro.flux.fp8.Fp8Linear` leave a dequantized weight copy in the autograd graph? (tiny-layer probe)"""
     import torch
 
     try:
-        from dev2pro.fp8 import Fp8Linear
+        from dev2pro.flux.fp8 import Fp8Linear
     except ImportError:
         return False
     lin = Fp8Linear.from_linear(torch.nn.Linear(32, 48), "tensor")
@@ -405,7 +405,7 @@ def report(job: Job) -> str:
 
 def spec_from_base(base: str) -> FluxSpec:
     """The architecture named by `model.base`: `preset:NAME[@seed]`, a preset name, or a checkpoint file/folder
-    (read through `dev2pro.checkpoint` when it is available, header only)."""
+    (read through `dev2pro.flux.checkpoint` when it is available, header only)."""
     name = base.split(":", 1)[1] if base.startswith("preset:") else base
     name = name.split("@", 1)[0]
     if name in PRESETS:
@@ -416,7 +416,7 @@ def spec_from_base(base: str) -> FluxSpec:
               file=sys.stderr)
         return PRESETS["flux-dev"]
     try:
-        from dev2pro import checkpoint
+        from dev2pro.flux import checkpoint
     except ImportError:
         return PRESETS["flux-dev"]
     reader = getattr(checkpoint, "read_spec", None) or getattr(checkpoint, "inspect_spec", None)
@@ -428,7 +428,7 @@ def spec_from_base(base: str) -> FluxSpec:
 def _is_fp8_file(base: str) -> bool:
     if base.startswith(("toy:", "preset:")) or not Path(base).exists():
         return "fp8" in Path(base).name.lower()  # placeholder paths: the usual file names say it
-    from dev2pro import checkpoint
+    from dev2pro.flux import checkpoint
 
     return "fp8" in checkpoint.detect_format(base)
 
@@ -471,7 +471,7 @@ def _child(args: dict) -> list[int]:
 
     import torch
 
-    from dev2pro import models
+    from dev2pro.flux import models
 
     torch.set_num_threads(int(args.get("threads", 1)))
     # oneDNN keeps a persistent per-process cache for bf16 matmuls on CPU (~30 MB at hidden 256) that a GPU run has
@@ -482,7 +482,7 @@ def _child(args: dict) -> list[int]:
         wdt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float32}[job.weight_dtype]
         model = models.random_transformer(spec, seed=0, dtype=wdt)
         if job.weight_dtype == "fp8":
-            from dev2pro.fp8 import swap_linears_to_fp8
+            from dev2pro.flux.fp8 import swap_linears_to_fp8
 
             swap_linears_to_fp8(model, "tensor")
             if job.autocast:  # high-precision leftovers in bf16, as on a GPU
@@ -490,7 +490,7 @@ def _child(args: dict) -> list[int]:
                     if p.dtype == torch.float32:
                         p.data = p.data.to(torch.bfloat16)
         if job.method == "lora":
-            from dev2pro.lora import add_lora, lora_parameters
+            from dev2pro.lora.inject import add_lora, lora_parameters
 
             add_lora(model, job.rank, job.rank, job.targets, seed=0)
             params = lora_parameters(model)
@@ -550,7 +550,7 @@ def measure_peak_cpu(jobs: Job | list[Job], steps: int = 2, threads: int = 1, ti
     single = isinstance(jobs, Job)
     jobs = [jobs] if single else list(jobs)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    code = ("import json, sys; from dev2pro.plan_memory import _child; "
+    code = ("import json, sys; from dev2pro.train.plan_memory import _child; "
             "print('RESULT', json.dumps(_child(json.loads(sys.argv[1]))))")
     peaks = []
     for job in jobs:  # one process per job: freed small heap blocks of an earlier job would hide part of the next

@@ -2,7 +2,7 @@
 from diffusers' `FluxTransformer2DModel` (we keep no private copy of the architecture).
 
 Models are built on the `meta` device so reading a 12B checkpoint's architecture allocates nothing; weights arrive
-later through `load_state_dict(..., assign=True)` (see `dev2pro.checkpoint`). The packing helpers follow the BFL
+later through `load_state_dict(..., assign=True)` (see `dev2pro.flux.checkpoint`). The packing helpers follow the BFL
 reference: latents `b c (h 2) (w 2) -> b (h w) (c 2 2)`, image position ids `(0, row, col)`, text ids all zero.
 The model takes `t` in [0, 1] (t = 1 is noise) and the guidance value raw (3.5, not 3500); diffusers multiplies
 both by 1000 inside, as BFL does.

@@ -9,7 +9,7 @@ CFG and a negative prompt, and is a stable base for LoRAs (the published Flux-De
 Options: EMA of the weights (`[ema]`, the EMA is what gets exported), gradient checkpointing, bf16 autocast, DDP or
 FSDP2 across processes (`[distributed]`). Checkpoints hold the weights, AdamW state, RNG and data position (and the
 EMA), so `--resume` continues exactly. The final model is a BFL single file in `output.dtype` (bf16 by default; fp8
-with `output.scaling` through `dev2pro.checkpoint.save_transformer`).
+with `output.scaling` through `dev2pro.flux.checkpoint.save_transformer`).
 Pitfall: the guidance embedding only ever sees g = train.guidance here; the guidance monitor (`[monitor]`) shows how
 the response to other g values fades, which is expected for a de-distilled model used with CFG.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import training as T
 from dev2pro.config import dump_toml
-from dev2pro.data import DataConfig
+from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
+from dev2pro.train import training as T
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class DedistillConfig:
 
 
 def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
-    from dev2pro import monitor as M
-    from dev2pro.models import has_guidance_embed
+    from dev2pro.flux.models import has_guidance_embed
+    from dev2pro.train import monitor as M
 
     # ---- setup
     T.require_fp32_weights(cfg.model)

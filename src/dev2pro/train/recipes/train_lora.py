@@ -4,7 +4,8 @@
 
 The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and applies the LoRA to dev; the guidance
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
-`dev2pro.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.add_lora`); `train.mixed_precision = "bf16"` runs the
+`dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
+`train.mixed_precision = "bf16"` runs the
 matmuls under bf16 autocast.
 
 `model.adapter` (issue 6): a LoRA file (e.g. `dev2pro lora extract dev dev2pro` = a "de-distill adapter") attached to
@@ -16,7 +17,7 @@ base + trained LoRA, what users will run on dev; `sample.adapter = true` include
 Output: `output.dir/<output.name>.safetensors` in `output.format` (kohya for ComfyUI/Forge, diffusers for
 diffusers/peft) with metadata: base model name and content hash, rank, alpha, targets, training guidance, steps,
 resolution, dataset size, tool version (and the adapter, if any). Checkpoints `checkpoint-<step>` every
-`output.save_every` steps; `--resume` continues exactly (see `dev2pro.training`).
+`output.save_every` steps; `--resume` continues exactly (see `dev2pro.train.training`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import training as T
 from dev2pro.config import dump_toml
-from dev2pro.data import DataConfig
+from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError, UserError
+from dev2pro.train import training as T
 
 ADAPTER_NAME = "dev2pro_adapter"  # peft adapter name of model.adapter (the trained LoRA is "default")
 
@@ -55,7 +56,7 @@ class TrainLoraConfig:
 
 def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: str = "default"):
     """`LoraWeights` from a full trainable state dict (`<module>.lora_A.<name>.weight` / `lora_B`)."""
-    from dev2pro.lora import LoraLayer, LoraWeights, clean_module_path
+    from dev2pro.lora.inject import LoraLayer, LoraWeights, clean_module_path
 
     downs, ups = {}, {}
     for key, v in state.items():
@@ -69,7 +70,7 @@ def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: 
 
 def base_identity(ref: str) -> tuple[str, str]:
     """(name, content hash) of the base for the LoRA metadata; presets and toy models have no file to hash."""
-    from dev2pro.checkpoint import model_hash
+    from dev2pro.flux.checkpoint import model_hash
 
     name = Path(ref).name if not ref.startswith(("preset:", "toy:")) else ref
     try:
@@ -86,10 +87,10 @@ def check_compute_dtype(model: torch.nn.Module, train: T.TrainConfig) -> None:
 
 
 def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
-    from dev2pro import monitor as M
-    from dev2pro.lora import add_lora, apply_lora, set_lora_strength
-    from dev2pro.lora_files import load_lora, save_lora, training_metadata
-    from dev2pro.models import has_guidance_embed
+    from dev2pro.flux.models import has_guidance_embed
+    from dev2pro.lora.files import load_lora, save_lora, training_metadata
+    from dev2pro.lora.inject import add_lora, apply_lora, set_lora_strength
+    from dev2pro.train import monitor as M
 
     # ---- setup
     acc = T.setup_accelerator(cfg.train)

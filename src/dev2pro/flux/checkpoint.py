@@ -9,7 +9,7 @@ Formats read (`detect_format`):
 - `fp8`: BFL keys with block weights in float8_e4m3fn (the published fp8 reposts);
 - `comfy-scaled-fp8`: ComfyUI's scaled fp8 (`scaled_fp8` marker tensor, per-layer fp32 scalar `scale_weight`);
 - `dev2pro-channel-fp8`: ours, per-output-row fp32 `scale_weight` and a `dev2pro_fp8_channel` marker (docs/formats.md);
-- `lora`: a LoRA file (described by `dev2pro.lora_files.describe_lora`, not loadable as a transformer).
+- `lora`: a LoRA file (described by `dev2pro.lora.files.describe_lora`, not loadable as a transformer).
 
 Safetensors is read with our own small reader (8-byte little-endian header length, JSON header, raw bytes): it
 validates the header against the file size (truncated files fail with one line before any tensor is read), reads each
@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dev2pro import fp8 as fp8lib
-from dev2pro import keymap
 from dev2pro.errors import CheckpointError
-from dev2pro.models import PRESETS, FluxSpec, build_transformer, random_transformer
+from dev2pro.flux import fp8 as fp8lib
+from dev2pro.flux import keymap
+from dev2pro.flux.models import PRESETS, FluxSpec, build_transformer, random_transformer
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -583,12 +583,11 @@ def _parse_preset_ref(ref: str) -> tuple[FluxSpec, int]:
 
 
 def resolve_ref(ref) -> Path:
-    """`toy:NAME` -> the toy model file; a path stays a path."""
-    if isinstance(ref, str) and ref.startswith("toy:"):
-        from dev2pro.toy import assets  # lazy: the toy world is optional for checkpoint I/O
+    """`toy:NAME` (any registered provider, `dev2pro.flux.providers`) -> its model file; a path stays a path."""
+    from dev2pro.flux import providers
 
-        return Path(assets.model_path(ref.removeprefix("toy:")))
-    return Path(ref)
+    found = providers.model_file(ref)
+    return found if found is not None else Path(ref)
 
 
 def _set_tensor(model: nn.Module, key: str, t: torch.Tensor, name: str) -> None:
@@ -1048,7 +1047,7 @@ def convert_checkpoint(src, dst, *, format: str = "bfl", dtype=None, scaling: st
 def fixed_inputs(spec: FluxSpec, seed: int = 0, latent: int = 8, txt_len: int = 8, dtype=torch.float32):
     """A fixed, seeded input for comparing two models: packed latents of a `latent x latent` latent, `txt_len` text
     tokens, t = 0.6, guidance 3.5 (ignored without a guidance embedding)."""
-    from dev2pro.models import image_ids, text_ids
+    from dev2pro.flux.models import image_ids, text_ids
 
     g = torch.Generator().manual_seed(seed)
     n = (latent // 2) ** 2
@@ -1064,7 +1063,7 @@ def fixed_inputs(spec: FluxSpec, seed: int = 0, latent: int = 8, txt_len: int = 
 @torch.no_grad()
 def model_output(model, inputs: dict) -> torch.Tensor:
     """The model's velocity on `fixed_inputs`, with the inputs cast to the model's (input embedder's) dtype."""
-    from dev2pro.models import predict
+    from dev2pro.flux.models import predict
 
     dt = model.x_embedder.weight.dtype
     return predict(model, inputs["x"].to(dt), inputs["t"], inputs["txt"].to(dt), inputs["pooled"].to(dt),

@@ -44,6 +44,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from dev2pro.errors import CheckpointError, UserError
+from dev2pro.flux import providers
 
 FLUX_AE_SCALE = 0.3611
 FLUX_AE_SHIFT = 0.1159
@@ -376,10 +377,9 @@ def load_autoencoder(ref: str, device="cpu", dtype=torch.float32) -> Autoencoder
     """Resolve an autoencoder reference: `toy`, a BFL `.safetensors` file, a diffusers or pipeline folder (a folder
     holding BFL's `ae.safetensors` also works), or a hub id."""
     ref = str(ref)
-    if ref == "toy":
-        from dev2pro.toy.world import ToyAutoencoder
-
-        return ToyAutoencoder()
+    named = providers.autoencoder(ref)  # "toy" and other registered stand-ins
+    if named is not None:
+        return named
     path = Path(ref).expanduser()
     if path.is_file():
         return FluxAutoencoder.from_bfl_file(path, device=device, dtype=dtype)
@@ -495,10 +495,9 @@ def load_text_encoder(t5_ref: str, clip_ref: str | None = None, device="cpu", dt
     `t5_ref` (one pipeline folder holds both)."""
     t5_ref = str(t5_ref)
     clip_ref = t5_ref if clip_ref is None else str(clip_ref)
-    if t5_ref == "toy" or clip_ref == "toy":
+    if t5_ref in providers.PROVIDERS or clip_ref in providers.PROVIDERS:
         if t5_ref != clip_ref:
-            raise UserError(f"the toy text encoder replaces both T5 and CLIP: got t5='{t5_ref}', clip='{clip_ref}'")
-        from dev2pro.toy.world import ToyTextEncoder
-
-        return ToyTextEncoder()
+            raise UserError(f"the {t5_ref if t5_ref in providers.PROVIDERS else clip_ref} text encoder replaces both "
+                            f"T5 and CLIP: got t5='{t5_ref}', clip='{clip_ref}'")
+        return providers.text_encoder(t5_ref)
     return FluxTextEncoders.from_pretrained(t5_ref, clip_ref, device=device, dtype=dtype, max_length=max_length)

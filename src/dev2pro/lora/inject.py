@@ -2,7 +2,7 @@
 
 What: `add_lora` wraps the chosen `nn.Linear`s of a diffusers `FluxTransformer2DModel` with peft LoRA layers (trainable,
 fp32) and freezes everything else; `lora_state_dict` reads the adapter back as `LoraWeights`, the one in-memory form
-every file format converts to and from (`dev2pro.lora_files`); `merge_lora_into_model` / `unmerge_lora_from_model`
+every file format converts to and from (`dev2pro.lora.files`); `merge_lora_into_model` / `unmerge_lora_from_model`
 bake a LoRA into the base weights (`W += strength * alpha / r * B @ A`); `apply_lora` attaches a LoRA unmerged, so its
 strength can change without touching the base.
 
@@ -245,7 +245,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str | Sequence[
 
     `targets`: a preset from `TARGET_PRESETS` or a list of module-path regexes. `seed` makes the initialisation of A
     (kaiming-uniform, as peft) independent of the global RNG; B starts at zero so the model output is unchanged.
-    Works on bf16/fp32 bases and on fp8 bases (`dev2pro.fp8.Fp8Linear`, an `nn.Linear` subclass).
+    Works on bf16/fp32 bases and on fp8 bases (`dev2pro.flux.fp8.Fp8Linear`, an `nn.Linear` subclass).
     """
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1, got {rank}")
@@ -347,7 +347,7 @@ def check_lora_fits(model: nn.Module, lora: LoraWeights, what: str = "LoRA") -> 
 
 def _fp8_linear_class():
     try:
-        from dev2pro.fp8 import Fp8Linear
+        from dev2pro.flux.fp8 import Fp8Linear
     except ImportError:  # fp8 support not installed in this tree
         return None
     return Fp8Linear
@@ -366,7 +366,7 @@ def set_linear_weight(lin: nn.Linear, w: torch.Tensor) -> None:
     fp8 = _fp8_linear_class()
     with torch.no_grad():
         if fp8 is not None and isinstance(lin, fp8):
-            from dev2pro.fp8 import quantize
+            from dev2pro.flux.fp8 import quantize
 
             w8, scale = quantize(w, lin.scaling)  # re-quantize with the layer's own scaling (none/tensor/channel)
             lin.weight.data.copy_(w8.to(lin.weight.device))

@@ -187,7 +187,7 @@ class BaseEntry:
     """A base model the LoRAs are applied to, with its sampling mode."""
 
     name: str
-    ref: str  # a checkpoint file/folder, "toy:dev", "preset:tiny-dev", ... (dev2pro.checkpoint.load_transformer)
+    ref: str  # a checkpoint file/folder, "toy:dev", "preset:tiny-dev", ... (dev2pro.flux.checkpoint.load_transformer)
     mode: Literal["embedded", "cfg"] = "embedded"
     guidance: float = 3.5  # embedded guidance (mode "embedded") or CFG scale (mode "cfg")
     sweep: tuple[float, ...] = ()  # extra guidance values for the sweep
@@ -358,7 +358,7 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
 # Intermediate checkpoints
 
 _STEP_RE = re.compile(r"checkpoint-(\d+)")
-_STATE_FILES = ("trainable", "optimizer", "rng-", "extra")  # dev2pro.training.save_checkpoint's files
+_STATE_FILES = ("trainable", "optimizer", "rng-", "extra")  # dev2pro.train.training.save_checkpoint's files
 
 
 def _lora_file_in(folder: Path) -> Path:
@@ -375,7 +375,7 @@ def _lora_file_in(folder: Path) -> Path:
 def read_lora(path: Path):
     """`LoraWeights` from a LoRA file (any format `lora_files.load_lora` reads) or a train-lora checkpoint folder
     (its trainable peft state, with `lora.alpha` from the checkpoint's config.toml)."""
-    from dev2pro.lora_files import load_lora
+    from dev2pro.lora.files import load_lora
 
     path = Path(path)
     if path.is_file():
@@ -384,7 +384,7 @@ def read_lora(path: Path):
 
     from safetensors.torch import load_file
 
-    from dev2pro.recipes.train_lora import lora_from_state
+    from dev2pro.train.recipes.train_lora import lora_from_state
 
     cfg = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
     alpha = cfg.get("lora", {}).get("alpha")
@@ -507,7 +507,7 @@ class FluxToolkit:
 
     def encoders(self):
         if self._encoders is None:
-            from dev2pro.components import load_autoencoder, load_text_encoder
+            from dev2pro.flux.components import load_autoencoder, load_text_encoder
 
             m = self.models
             ae = load_autoencoder(m.autoencoder, device=self.device, dtype=self.dtype)
@@ -516,13 +516,13 @@ class FluxToolkit:
         return self._encoders
 
     def load_base(self, entry: BaseEntry):
-        from dev2pro.checkpoint import load_transformer
+        from dev2pro.flux.checkpoint import load_transformer
 
         model = load_transformer(entry.ref, dtype=self.dtype, device=self.device)
         return model.eval().requires_grad_(False)
 
     def generate(self, model, prompts, seeds, *, entry: BaseEntry, guidance: float, sampling: SamplingSection):
-        from dev2pro.sampling import generate
+        from dev2pro.flux.sampling import generate
 
         ae, text = self.encoders()
         cfg_mode = entry.mode == "cfg"
@@ -540,7 +540,7 @@ class FluxToolkit:
         unmerged adapter, so bf16/fp8 base weights are never rounded by merge + unmerge."""
         import torch
 
-        from dev2pro import lora as L
+        from dev2pro.lora import inject as L
 
         lora = read_lora(path)
         merged = next(model.parameters()).dtype == torch.float32

@@ -98,7 +98,7 @@ def _recipe_config_class(module):
 
 def run_recipe(name: str, data: dict, config_path: Path) -> Path:
     """Build recipe `name`'s config from `data` (strictly), save it as TOML, run it; returns the recipe's output."""
-    module = importlib.import_module(f"dev2pro.recipes.{name}")
+    module = importlib.import_module(f"dev2pro.train.recipes.{name}")
     cfg = from_dict(_recipe_config_class(module), data)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(dump_toml(cfg), encoding="utf-8")
@@ -196,7 +196,7 @@ def _preface(plan: DemoPlan, timings: dict[str, float], dev: str, full: bool) ->
 def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, full: bool = False, dev: str = "toy:dev",
              toolkit=None, log=print):
     """Run every stage; returns the `CompareResult`. `toolkit` replaces compare's model/judge toolkit (tests)."""
-    from dev2pro.compare import CompareConfig, run_compare
+    from dev2pro.eval.compare import CompareConfig, run_compare
     from dev2pro.toy.world import write_dataset
 
     plan = plan or (DemoPlan.full() if full else DemoPlan.quick())
@@ -310,7 +310,7 @@ def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> P
     the README shows. Regenerate it whenever the demo changes: `dev2pro demo --docs docs`."""
     import shutil
 
-    from dev2pro.compare import pivot_table
+    from dev2pro.eval.compare import pivot_table
 
     docs = Path(docs)
     img = docs / "img"

@@ -1,4 +1,4 @@
-"""Training recipes: one linear file per method (setup, loop, save), built from `dev2pro.training` components.
+"""Training recipes: one linear file per method (setup, loop, save), built from `dev2pro.train.training` components.
 
 - `train_lora`: a LoRA on a frozen base (bf16 or fp8), plain flow loss at a fixed guidance input.
 - `dedistill`: full fine-tune of a guidance-distilled model with the guidance input fixed (dev -> dev2pro).

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from dev2pro.cache import latent_key, save_atomic, text_key, variant_params
-from dev2pro.data import DatasetIndex, load_image
+from dev2pro.data.cache import latent_key, save_atomic, text_key, variant_params
+from dev2pro.data.folders import DatasetIndex, load_image
 from dev2pro.errors import DataError
 
 SHARD_FORMAT = "dev2pro-shards-1"
@@ -168,7 +168,8 @@ def read_info(out_dir: str | Path) -> dict:
 
 class ShardStream:
     """Endless same-bucket batches for one rank (see the module docstring). Each batch is a dict like
-    `dev2pro.cache.collate`'s: latents (b, C, h, w), txt / t5 (b, seq, ctx), pooled (b, vec) float32, captions, keys."""
+    `dev2pro.data.cache.collate`'s:
+    latents (b, C, h, w), txt / t5 (b, seq, ctx), pooled (b, vec) float32, captions, keys."""
 
     def __init__(
         self, out_dir: str | Path, rank: int = 0, world_size: int = 1, seed: int = 0, batch_size: int = 1,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dev2pro import training as T
 from dev2pro.config import dump_toml
-from dev2pro.data import DataConfig
+from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
+from dev2pro.train import training as T
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def caption_dropout(txt, pooled, empty, p: float, generator: torch.Generator, ac
 
 
 def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
-    from dev2pro import monitor as M
-    from dev2pro.models import has_guidance_embed
+    from dev2pro.flux.models import has_guidance_embed
+    from dev2pro.train import monitor as M
 
     # ---- setup
     T.require_fp32_weights(cfg.model)
