@@ -1,8 +1,8 @@
-"""`dev2pro.eval.compare`: statistics against closed forms, the work plan, the verdict, and a full run with a fake
-toolkit
-(images whose judge scores are known in closed form) producing the report files."""
+"""`dev2pro.eval` (compare and its parts): statistics against closed forms, the work plan, the verdict, and a full
+run with a fake toolkit (images whose judge scores are known in closed form) producing the report files."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import statistics
@@ -14,6 +14,11 @@ import torch
 from dev2pro.config import from_dict
 from dev2pro.errors import ConfigError, UserError
 from dev2pro.eval import compare as C
+from dev2pro.eval import judges as J
+from dev2pro.eval import plan as P
+from dev2pro.eval import stats as S
+from dev2pro.eval import toolkit as T
+from dev2pro.eval import verdict as V
 
 
 @pytest.fixture(autouse=True)
@@ -45,44 +50,44 @@ def _t_quantile_closed_form(p: float, df: int) -> float:
 @pytest.mark.parametrize("df", [1, 2, 4])
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995, 0.025])
 def test_student_t_ppf_matches_closed_forms(p, df):
-    assert C.student_t_ppf(p, df) == pytest.approx(_t_quantile_closed_form(p, df), rel=1e-6, abs=1e-7)
+    assert S.student_t_ppf(p, df) == pytest.approx(_t_quantile_closed_form(p, df), rel=1e-6, abs=1e-7)
 
 
 def test_student_t_ppf_tends_to_normal_and_table_values():
-    assert C.student_t_ppf(0.975, 10_000) == pytest.approx(statistics.NormalDist().inv_cdf(0.975), rel=2e-4)
+    assert S.student_t_ppf(0.975, 10_000) == pytest.approx(statistics.NormalDist().inv_cdf(0.975), rel=2e-4)
     # printed tables (e.g. NIST e-handbook 1.3.6.7.2): t_{0.975} for df 10 and 30
-    assert C.student_t_ppf(0.975, 10) == pytest.approx(2.228, abs=1e-3)
-    assert C.student_t_ppf(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+    assert S.student_t_ppf(0.975, 10) == pytest.approx(2.228, abs=1e-3)
+    assert S.student_t_ppf(0.975, 30) == pytest.approx(2.042, abs=1e-3)
 
 
 def test_mean_ci_is_the_t_interval():
     x = [1.0, 2.0, 3.0, 4.0, 5.0]
-    e = C.mean_ci(x, 0.95)
+    e = S.mean_ci(x, 0.95)
     half = _t_quantile_closed_form(0.975, 4) * statistics.stdev(x) / math.sqrt(5)
     assert (e.mean, e.n, e.method) == (3.0, 5, "t")
     assert e.lo == pytest.approx(3.0 - half, rel=1e-7) and e.hi == pytest.approx(3.0 + half, rel=1e-7)
-    one = C.mean_ci([0.7])
+    one = S.mean_ci([0.7])
     assert one.mean == 0.7 and math.isnan(one.lo) and one.fmt() == "0.700"
-    assert math.isnan(C.mean_ci([]).mean) and C.mean_ci([]).fmt() == "n/a"
-    assert C.mean_ci([2.0, float("nan"), 4.0]).mean == 3.0  # nan values are dropped
+    assert math.isnan(S.mean_ci([]).mean) and S.mean_ci([]).fmt() == "n/a"
+    assert S.mean_ci([2.0, float("nan"), 4.0]).mean == 3.0  # nan values are dropped
 
 
 def test_jackknife_of_the_mean_is_the_t_interval():
     x = np.random.default_rng(1).normal(2.0, 1.0, 40)
-    e = C.jackknife_ci(len(x), lambda idx: x[idx].mean(), 0.95)
-    t = C.mean_ci(x, 0.95)
+    e = S.jackknife_ci(len(x), lambda idx: x[idx].mean(), 0.95)
+    t = S.mean_ci(x, 0.95)
     assert e.mean == pytest.approx(t.mean) and e.lo == pytest.approx(t.lo) and e.hi == pytest.approx(t.hi)
     # a nonlinear statistic: the plug-in variance; jackknife se^2 = (n-1)/n sum (v_(i) - v_.)^2 by definition
     v = lambda idx: x[idx].var()  # noqa: E731
     loo = np.array([x[np.arange(40) != i].var() for i in range(40)])
     se = math.sqrt(39 / 40 * ((loo - loo.mean()) ** 2).sum())
-    e = C.jackknife_ci(40, v, 0.95)
-    assert e.hi - e.mean == pytest.approx(C.student_t_ppf(0.975, 39) * se) and e.mean == pytest.approx(x.var())
+    e = S.jackknife_ci(40, v, 0.95)
+    assert e.hi - e.mean == pytest.approx(S.student_t_ppf(0.975, 39) * se) and e.mean == pytest.approx(x.var())
 
 
 def test_pairwise_diversity():
     f = np.array([[0.0, 0], [1, 0], [3, 0], [5, 5]])
-    d = C.pairwise_diversity(f, np.array([0, 0, 0, 1]))
+    d = S.pairwise_diversity(f, np.array([0, 0, 0, 1]))
     assert d[0] == pytest.approx((1 + 3 + 2) / 3) and math.isnan(d[1])
 
 
@@ -91,24 +96,42 @@ def test_pairwise_diversity():
 
 
 def _est(m, half=0.01):
-    return C.Estimate(m, m - half, m + half, 8, "t")
+    return S.Estimate(m, m - half, m + half, 8, "t")
+
+
+def implied_verdict(cells: dict, claim: tuple[str, str], higher_is_better: bool = True) -> tuple[bool, bool]:
+    """(reproduced, clear) that the numbers imply, written independently of `claim_verdict`: reproduced when the
+    claimed cell's mean is strictly better than every other cell's; clear when, in addition, its interval lies beyond
+    the runner-up's (nan bounds: not clear)."""
+    sign = 1.0 if higher_is_better else -1.0
+    others = [e for k, e in cells.items() if k != claim and math.isfinite(e.mean)]
+    e = cells[claim]
+    if not others:
+        return True, False
+    runner_up = max(others, key=lambda o: sign * o.mean)
+    reproduced = sign * e.mean > sign * runner_up.mean
+    clear = reproduced and (e.lo > runner_up.hi if higher_is_better else e.hi < runner_up.lo)
+    return reproduced, bool(clear)
 
 
 def test_claim_verdict_reproduced_clearly_and_not():
     desc = lambda c: f"{c[0]}->{c[1]}"  # noqa: E731
     cells = {"score": {("pro", "dev"): _est(0.9), ("dev", "dev"): _est(0.5), ("pro", "pro"): _est(0.6)},
              "fd": {("pro", "dev"): _est(3.0), ("dev", "dev"): _est(1.0), ("pro", "pro"): _est(2.0)}}
-    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    v = V.claim_verdict(cells, ("pro", "dev"), "score", desc)
     assert v["reproduced"] is True and v["clear"] is True and v["text"].startswith("**Reproduced clearly.**")
     assert v["ranks"] == {"score": [1, 3], "fd": [3, 3]}  # lower fd is better
-    v = C.claim_verdict(cells, ("pro", "dev"), "fd", desc)
+    v = V.claim_verdict(cells, ("pro", "dev"), "fd", desc)
     assert v["reproduced"] is False and "dev->dev is best" in v["text"] and "ranks 3 of 3" in v["text"]
+    assert implied_verdict(cells["fd"], ("dev", "dev"), higher_is_better=False) == (True, True)
+    assert V.claim_verdict(cells, ("dev", "dev"), "fd", desc)["reproduced"] is True
     cells["score"][("dev", "dev")] = _est(0.89, 0.05)
-    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    v = V.claim_verdict(cells, ("pro", "dev"), "score", desc)
     assert v["reproduced"] is True and v["clear"] is False and "not significant" in v["text"]
     cells["score"][("dev", "dev")] = _est(0.9, 0.05)  # a tie for first is not a reproduction; ties share ranks
-    v = C.claim_verdict(cells, ("pro", "dev"), "score", desc)
+    v = V.claim_verdict(cells, ("pro", "dev"), "score", desc)
     assert v["reproduced"] is False and "(tie)" in v["text"] and v["ranks"]["score"] == [1, 3]
+    assert implied_verdict(cells["score"], ("pro", "dev")) == (False, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,6 +139,14 @@ def test_claim_verdict_reproduced_clearly_and_not():
 
 BASE_RED = {"dev": 0.1, "pro": 0.0}
 LORA_RED = {"weak": 0.3, "strong": 0.6}
+MAIN_GUIDANCE = {"dev": 3.5, "pro": 3.0}  # as in _config
+
+
+def fake_scores() -> dict[tuple[str, str], float]:
+    """The fake's closed-form score per LoRA cell at the main guidance: style (base red + LoRA red) x adherence
+    (1 - g/10); every image of a cell has the same value, so the intervals are points."""
+    return {(lora, b): (BASE_RED[b] + LORA_RED[lora]) * (1 - MAIN_GUIDANCE[b] / 10) for lora in LORA_RED
+            for b in BASE_RED}
 
 
 class FakeToolkit:
@@ -192,14 +223,14 @@ def _config(tmp_path, **over):
     }
     for k, v in over.items():
         data[k] = v
-    return from_dict(C.CompareConfig, data)
+    return from_dict(P.CompareConfig, data)
 
 
 def test_plan_jobs_dedupes_and_groups(tmp_path):
     cfg = _config(tmp_path)
-    ck = {x.name: C.find_checkpoints(x.checkpoints, tmp_path) for x in cfg.loras}
+    ck = {x.name: P.find_checkpoints(x.checkpoints, tmp_path) for x in cfg.loras}
     assert [s for s, _ in ck["weak"]] == [10, 20] and ck["weak"][0][1].name == "weak.safetensors"
-    jobs = C.plan_jobs(cfg, ck)
+    jobs = P.plan_jobs(cfg, ck)
     assert len({j.key for j in jobs}) == len(jobs)
     # dev: base alone at 3.5, 2 LoRAs x 3 guidance values, curves (1 seed): step 0 and 2 steps x 2 LoRAs
     # pro: 3 rows x 1 value + the same curves
@@ -230,8 +261,13 @@ def test_compare_with_fakes_writes_report_and_right_numbers(tmp_path):
     assert curve[0].mean == pytest.approx(0.1) and curve[10].mean == pytest.approx(0.1 + 0.3 - 0.1)
     # score: strong@dev 0.7 * 0.65 = 0.455 > strong@pro 0.6 * 0.7 = 0.42 > weak@dev 0.26 > weak@pro 0.21; the fake
     # has no spread, so the intervals are points and the lead is clear
+    scores = fake_scores()
+    assert {c: res.main["score"][c].mean for c in scores} == pytest.approx(scores)
+    assert res.verdict["ranking"] == [list(c) for c in sorted(scores, key=lambda c: -scores[c])]
     assert res.verdict["ranking"] == [["strong", "dev"], ["strong", "pro"], ["weak", "dev"], ["weak", "pro"]]
+    assert max(scores, key=scores.get) == ("strong", "dev")  # the claim is the best cell: reproduced, clearly
     assert res.verdict["reproduced"] is True and res.verdict["clear"] is True
+    assert res.verdict["text"].startswith("**Reproduced clearly.**")
 
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "![grid](grid.png)" in report and "trained on x applied to" in report
@@ -252,28 +288,34 @@ def test_compare_with_fakes_writes_report_and_right_numbers(tmp_path):
     assert grid.getpixel((grid.width - 4 - 2, grid.height - 4 - 2)) == (r, g, b)
 
 
-def test_verdict_not_reproduced_is_reported(tmp_path):
-    cfg = _config(tmp_path, claim={"lora": "weak", "base": "pro"}, curves=False)
+@pytest.mark.parametrize("claim", [("weak", "pro"), ("strong", "pro")])
+def test_verdict_not_reproduced_is_reported(tmp_path, claim):
+    """The same fake numbers with the claim on a cell that is not the best: the verdict flips."""
+    cfg = _config(tmp_path, claim={"lora": claim[0], "base": claim[1]}, curves=False)
     res = C.run_compare(cfg, FakeToolkit(), root=tmp_path)
-    assert res.verdict["reproduced"] is False and res.verdict["ranks"]["score"] == [4, 4]
+    scores = fake_scores()
+    rank = 1 + sum(v > scores[claim] for v in scores.values())
+    assert rank > 1
+    assert res.verdict["reproduced"] is False and res.verdict["clear"] is False
+    assert res.verdict["ranks"]["score"] == [rank, 4]
     assert "**Not reproduced.**" in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "out" / "curves.png").exists()
 
 
 def test_config_is_strict(tmp_path):
     cfg = _config(tmp_path)
-    data = C.dataclasses.asdict(cfg)
+    data = dataclasses.asdict(cfg)
     data["sampling"]["seedz"] = [1]
     with pytest.raises(ConfigError, match="seedz"):
-        from_dict(C.CompareConfig, data)
-    data = C.dataclasses.asdict(cfg)
+        from_dict(P.CompareConfig, data)
+    data = dataclasses.asdict(cfg)
     data["claim"]["lora"] = "nope"
     with pytest.raises(ConfigError, match="claim.lora"):
-        from_dict(C.CompareConfig, data)
-    data = C.dataclasses.asdict(cfg)
+        from_dict(P.CompareConfig, data)
+    data = dataclasses.asdict(cfg)
     data["bases"][0]["negative"] = "x"
     with pytest.raises(ConfigError, match="negative prompt needs"):
-        from_dict(C.CompareConfig, data)
+        from_dict(P.CompareConfig, data)
 
 
 def test_missing_files_are_one_line_errors(tmp_path):
@@ -281,7 +323,7 @@ def test_missing_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         C.run_compare(cfg, FakeToolkit(), root=tmp_path / "elsewhere")
     with pytest.raises(UserError, match="checkpoint-<step>"):
-        C.find_checkpoints([str(tmp_path / "ref")])
+        P.find_checkpoints([str(tmp_path / "ref")])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,7 +354,7 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
         save_lora(tmp_path / name / f"{name}.safetensors", _random_lora(ref, seed))
         save_lora(tmp_path / name / "checkpoint-3" / f"{name}.safetensors", _random_lora(ref, seed, 0.1))
     write_dataset(tmp_path / "ref", 4, seed=5, style=True)
-    cfg = from_dict(C.CompareConfig, {
+    cfg = from_dict(P.CompareConfig, {
         "bases": [{"name": "dev", "ref": "preset:tiny-dev", "guidance": 3.5, "sweep": [1.0]},
                   {"name": "pro", "ref": "preset:tiny-dev", "mode": "cfg", "guidance": 2.0, "negative": "blurry"}],
         "loras": [{"name": n, "path": f"{n}/{n}.safetensors", "trained_on": n, "checkpoints": [n]} for n in "ab"],
@@ -324,8 +366,8 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
         "output": {"dir": "out"},
     })
     torch.manual_seed(0)
-    judge = C.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
-    res = C.run_compare(cfg, C.FluxToolkit(cfg.models, judge=judge), root=tmp_path)
+    judge = J.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
+    res = C.run_compare(cfg, T.FluxToolkit(cfg.models, judge=judge), root=tmp_path)
     for name in ("report.md", "results.json", "grid.png", "bars.png", "curves.png"):
         assert (tmp_path / "out" / name).is_file(), name
     # a LoRA changes the images (different features than the base alone), the base is restored afterwards
@@ -335,10 +377,13 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
     assert not np.allclose(feats[(None, "dev")], feats[(None, "pro")])  # CFG 2 with a negative != embedded 3.5
     e = res.main["adherence"][("b", "dev")]
     assert 0.0 <= e.mean <= 1.0 and e.n == 4
-    assert res.verdict is not None and res.verdict["reproduced"] in (True, False)
+    # the verdict is the one the run's own estimates imply (random models: the outcome itself is not known)
+    lora_cells = {c: e for c, e in res.main["score"].items() if c[0]}
+    assert (res.verdict["reproduced"], res.verdict["clear"]) == implied_verdict(lora_cells, ("b", "dev"))
+    assert res.verdict["ranking"] == [list(c) for c in sorted(lora_cells, key=lambda c: -lora_cells[c].mean)]
 
     # the LoRA context leaves the base as it was: merged (fp32) and as an adapter (bf16)
-    tk = C.FluxToolkit(cfg.models)
+    tk = T.FluxToolkit(cfg.models)
     for dtype in (torch.float32, torch.bfloat16):
         model = ref.to(dtype)
         snap = {k: v.clone() for k, v in model.state_dict().items()}
@@ -355,7 +400,7 @@ def test_example_config_loads_and_cli_reports_bad_keys(tmp_path, capsys):
     from dev2pro import cli
 
     example = Path(__file__).resolve().parent.parent / "configs" / "compare-example.toml"
-    cfg = C.load_compare_config(example)
+    cfg = P.load_compare_config(example)
     assert [b.mode for b in cfg.bases] == ["embedded", "cfg"] and cfg.claim.base == "dev"
     bad = tmp_path / "bad.toml"
     bad.write_text(example.read_text().replace("grid_seeds = 1", "grid_seed = 1"))
@@ -384,7 +429,7 @@ def test_clip_judge_matches_clip_forward(tmp_path):
     model.save_pretrained(tmp_path / "clip")
     tok.save_pretrained(tmp_path / "clip")
 
-    judge = C.ClipJudge(str(tmp_path / "clip"))
+    judge = J.ClipJudge(str(tmp_path / "clip"))
     images = torch.rand(3, 3, 48, 64) * 2 - 1
     prompts = ["a cat", "the dog", "zxq style"]
     sc = judge.score(images, prompts)
@@ -398,4 +443,4 @@ def test_clip_judge_matches_clip_forward(tmp_path):
     judge.set_reference(judge.features(images[:1]))
     assert judge.score(images[:1], prompts[:1])["style"][0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(UserError, match="CLIP folder"):
-        C.ClipJudge(str(tmp_path / "nope"))
+        J.ClipJudge(str(tmp_path / "nope"))

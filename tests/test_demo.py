@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from dev2pro.eval import compare as C
 from dev2pro.eval import demo as D
+from dev2pro.eval import judges as J
+from dev2pro.eval import plan as P
+from dev2pro.eval import toolkit as T
 
 
 @pytest.fixture(autouse=True)
@@ -24,10 +26,10 @@ def _judge():
     from dev2pro.toy import judge as toy_judge
 
     try:
-        return C.ToyJudgeAdapter()
+        return J.ToyJudgeAdapter()
     except CheckpointError:
         torch.manual_seed(0)
-        return C.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
+        return J.ToyJudgeAdapter(toy_judge.Judge(toy_judge.JudgeNet().eval()))
 
 
 TINY = D.DemoPlan(n_base=8, n_style=8, reference_variants=2, dedistill_steps=2, lora_steps=4, lora_rank=2, batch_size=4,
@@ -36,7 +38,7 @@ TINY = D.DemoPlan(n_base=8, n_style=8, reference_variants=2, dedistill_steps=2, 
 
 def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     out = tmp_path / "demo"
-    toolkit = C.FluxToolkit(C.ModelsSection(device="cpu"), judge=_judge())
+    toolkit = T.FluxToolkit(P.ModelsSection(device="cpu"), judge=_judge())
     res = D.run_demo(out, TINY, dev="preset:tiny-dev", toolkit=toolkit, log=lambda *_: None)
 
     for name in ("report.md", "results.json", "grid.png", "bars.png", "sweep.png", "curves.png", "demo.json"):
@@ -44,7 +46,7 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     # every stage's config was saved and loads back into its recipe's schema
     for stage in ("dedistill", "lora-dev-g3.5", "lora-dev-g1", "lora-dev2pro-g1", "compare"):
         assert (out / "configs" / f"{stage}.toml").is_file(), stage
-    C.load_compare_config(out / "configs" / "compare.toml")
+    P.load_compare_config(out / "configs" / "compare.toml")
 
     # the three LoRAs were trained with the guidance the demo promises, on the right base
     from dev2pro.lora.files import load_lora
@@ -58,9 +60,22 @@ def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     # 3 LoRAs x 2 bases in the main table, plus baselines; the claim's verdict was computed and stated
     cells = {k for k in res.main["style"] if k[0]}
     assert cells == {(n, b) for n, *_ in D.LORAS for b in ("dev", "dev2pro")}
-    assert res.verdict["claim"] == list(D.CLAIM) and res.verdict["reproduced"] in (True, False)
+    assert res.verdict["claim"] == list(D.CLAIM) and res.verdict["metric"] == "score"
+    # the verdict agrees with the run's own numbers, recomputed here from results.json: reproduced when the claimed
+    # cell's mean score is strictly the best LoRA cell's, clearly when its interval lies above the runner-up's
+    data = json.loads((out / "results.json").read_text())
+    score = {(c["lora"], c["base"]): c for c in data["main"]["score"] if c["lora"] and c["mean"] is not None}
+    assert set(score) == cells
+    claim = score[D.CLAIM]
+    runner_up = max((c for k, c in score.items() if k != D.CLAIM), key=lambda c: c["mean"])
+    reproduced = claim["mean"] > runner_up["mean"]
+    clear = reproduced and None not in (claim["lo"], runner_up["hi"]) and claim["lo"] > runner_up["hi"]
+    assert (res.verdict["reproduced"], res.verdict["clear"]) == (reproduced, clear)
+    assert res.verdict["ranking"][0] == list(max(score, key=lambda k: score[k]["mean"]))
     report = (out / "report.md").read_text()
-    assert ("**Reproduced" in report) != ("**Not reproduced" in report)
+    expected = ("**Reproduced clearly." if clear else "**Reproduced (intervals overlap" if reproduced
+                else "**Not reproduced")
+    assert f"## Verdict\n\n{expected}" in report
     assert "Whole demo:" in report and "![grid](grid.png)" in report and "de-distilled" in report
     # the curves run over the LoRA checkpoints (step 0 = no LoRA, then save_every and the final step)
     steps = [s for s, _ in res.curves["style"][("dev2pro-g1", "dev")]]

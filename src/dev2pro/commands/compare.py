@@ -29,7 +29,9 @@ def main(args) -> int:
 
     import torch
 
-    from dev2pro.eval.compare import idle_cpu_threads, load_compare_config, run_compare
+    from dev2pro.eval.compare import run_compare
+    from dev2pro.eval.plan import load_compare_config
+    from dev2pro.eval.toolkit import idle_cpu_threads
 
     cfg = load_compare_config(args.config, args.overrides)
     if cfg.models.device == "cpu" or (cfg.models.device == "auto" and not torch.cuda.is_available()):

@@ -35,8 +35,8 @@ def main(args) -> int:
     import torch
 
     from dev2pro.errors import UserError
-    from dev2pro.eval.compare import idle_cpu_threads
     from dev2pro.eval.demo import DemoPlan, run_demo
+    from dev2pro.eval.toolkit import idle_cpu_threads
 
     if args.steps_scale <= 0:
         raise UserError(f"--steps-scale must be > 0, got {args.steps_scale}")

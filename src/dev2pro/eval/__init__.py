@@ -1,2 +1,3 @@
-"""Evaluation: the trained-on x applied-to comparison experiment (`compare`) and the toy-world demo (`demo`). The top
-layer: it runs the training recipes and the sampler."""
+"""Evaluation: the trained-on x applied-to comparison experiment (`compare` runs it from its `plan`, through the
+`toolkit` and `judges`, to `stats`, `results`, the `verdict`, `tables`, `plots` and the `report`) and the toy-world
+demo (`demo`). The top layer: it runs the training recipes and the sampler."""

@@ -196,7 +196,8 @@ def _preface(plan: DemoPlan, timings: dict[str, float], dev: str, full: bool) ->
 def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, full: bool = False, dev: str = "toy:dev",
              toolkit=None, log=print):
     """Run every stage; returns the `CompareResult`. `toolkit` replaces compare's model/judge toolkit (tests)."""
-    from dev2pro.eval.compare import CompareConfig, run_compare
+    from dev2pro.eval.compare import run_compare
+    from dev2pro.eval.plan import CompareConfig
     from dev2pro.toy.world import write_dataset
 
     plan = plan or (DemoPlan.full() if full else DemoPlan.quick())
@@ -310,7 +311,7 @@ def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> P
     the README shows. Regenerate it whenever the demo changes: `dev2pro demo --docs docs`."""
     import shutil
 
-    from dev2pro.eval.compare import pivot_table
+    from dev2pro.eval.tables import pivot_table
 
     docs = Path(docs)
     img = docs / "img"
