@@ -110,7 +110,7 @@ def best_verdict(pooled: Pooled, claim: tuple[str, str], among: Sequence[str], m
     cells = {m: {c: e for c, e in d.items() if c[0] in among} for m, d in pooled.main.items()}
     v = claim_verdict(cells, claim, metric, lambda c: f"trained on {label(c[0])}, applied to {c[1]}")
     outcome = {None: "unknown", False: "no", True: "yes" if v.get("clear") else "weak"}[v.get("reproduced")]
-    return {"claim": "ii", "outcome": outcome, **v}
+    return {**v, "claim": "ii", "cell": v["claim"], "outcome": outcome}
 
 
 def compare_verdict(pooled: Pooled, ref: str, others: Sequence[str], base: str, metric: str,

@@ -77,6 +77,7 @@ class CompareResult:
     total_seconds: float = 0.0  # set by callers that run more than the comparison (the demo)
     pooled: Any = None  # dev2pro.eval.groups.Pooled when LoRAs have groups (training runs pooled)
     summary: dict = field(default_factory=dict)  # set by the demo
+    claims: list = field(default_factory=list)  # set by the demo (dev2pro.eval.claims)
 
     def view(self) -> tuple[dict, dict, dict, dict[str, str]]:
         """What the report shows: (main, sweep, curves, rows): pooled over training runs when LoRAs have groups."""
