@@ -65,10 +65,12 @@ def main(args) -> int:
 
         print(f"docs: {write_results_doc(res, args.docs, cmd)}")
     if args.readme:
+        import os
         from pathlib import Path
 
         from dev2pro.eval.demo_report import readme_summary, update_readme
 
-        doc = str(Path(args.docs) / "demo-results.md") if args.docs else "docs/demo-results.md"
-        print(f"readme: {update_readme(args.readme, readme_summary(res, doc))}")
+        doc = Path(args.docs or "docs") / "demo-results.md"  # linked relative to the README's folder
+        link = Path(os.path.relpath(doc.resolve(), Path(args.readme).resolve().parent)).as_posix()
+        print(f"readme: {update_readme(args.readme, readme_summary(res, link))}")
     return 0
