@@ -373,7 +373,7 @@ def _lora_file_in(folder: Path) -> Path:
 
 
 def read_lora(path: Path):
-    """`LoraWeights` from a LoRA file (any format `lora_files.load_lora` reads) or a train-lora checkpoint folder
+    """`LoraWeights` from a LoRA file (any format `lora.files.load_lora` reads) or a train-lora checkpoint folder
     (its trainable peft state, with `lora.alpha` from the checkpoint's config.toml)."""
     from dev2pro.lora.files import load_lora
 
@@ -494,7 +494,7 @@ class Toolkit(Protocol):
 
 class FluxToolkit:
     """The project's own components: `checkpoint.load_transformer`, `components.load_autoencoder/load_text_encoder`,
-    `sampling.generate`, `lora_files.load_lora`, `lora.merge_lora_into_model`, `toy.judge.Judge`."""
+    `sampling.generate`, `lora.files.load_lora`, `lora.inject.merge_lora_into_model`, `toy.judge.Judge`."""
 
     def __init__(self, models: ModelsSection, judge: Judge | None = None):
         import torch
