@@ -102,7 +102,7 @@ def test_inspect_hands_lora_files_over(tmp_path, capsys, monkeypatch):
     assert checkpoint.detect_format(path) == "lora"
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "rank" in out and "kohya" in out.lower()
-    monkeypatch.setitem(sys.modules, "dev2pro.lora.files", None)  # the LoRA module missing: generic description
+    monkeypatch.setitem(sys.modules, "dev2pro.lora.describe", None)  # the LoRA module missing: generic description
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "LoRA (3 tensors)" in out and "ss_network_dim = 4" in out
     code, _, err = _run(capsys, "convert", path, tmp_path / "x.safetensors")

@@ -2,7 +2,7 @@
 24 GB file is inspected in a fraction of a second.
 
 Transformer checkpoints go through `dev2pro.flux.checkpoint.describe_checkpoint`; LoRA files are handed to
-`dev2pro.lora.files.describe_lora` (a short generic description is printed if that module is unavailable).
+`dev2pro.lora.describe.describe_lora` (a short generic description is printed if that module is unavailable).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
 
 
 def describe_lora_fallback(path) -> str:
-    """Used when dev2pro.lora.files is unavailable: tensor count, a few keys, metadata."""
+    """Used when dev2pro.lora.describe is unavailable: tensor count, a few keys, metadata."""
     from dev2pro.flux.checkpoint import read_header
 
     h = read_header(path)
@@ -62,7 +62,7 @@ def describe(path) -> str:
     fmt = checkpoint.detect_format(path)
     if fmt == "lora":
         try:
-            from dev2pro.lora.files import describe_lora
+            from dev2pro.lora.describe import describe_lora
         except ImportError:
             describe_lora = describe_lora_fallback
         return describe_lora(path)

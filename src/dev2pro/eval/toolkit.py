@@ -67,7 +67,7 @@ class Toolkit(Protocol):
 
 class FluxToolkit:
     """The project's own components: `checkpoint.load_transformer`, `components.load_autoencoder/load_text_encoder`,
-    `sampling.generate`, `lora_files.load_lora`, `lora.merge_lora_into_model`, `toy.judge.Judge`."""
+    `sampling.generate`, `lora.files.load_lora`, `lora.inject.merge_lora_into_model`, `toy.judge.Judge`."""
 
     def __init__(self, models: ModelsSection, judge: Judge | None = None):
         import torch

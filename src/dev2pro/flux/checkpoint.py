@@ -9,7 +9,7 @@ Formats read (`detect_format`):
 - `fp8`: BFL keys with block weights in float8_e4m3fn (the published fp8 reposts);
 - `comfy-scaled-fp8`: ComfyUI's scaled fp8 (`scaled_fp8` marker tensor, per-layer fp32 scalar `scale_weight`);
 - `dev2pro-channel-fp8`: ours, per-output-row fp32 `scale_weight` and a `dev2pro_fp8_channel` marker (docs/formats.md);
-- `lora`: a LoRA file (described by `dev2pro.lora.files.describe_lora`, not loadable as a transformer).
+- `lora`: a LoRA file (described by `dev2pro.lora.describe.describe_lora`, not loadable as a transformer).
 
 Safetensors is read with our own small reader (8-byte little-endian header length, JSON header, raw bytes): it
 validates the header against the file size (truncated files fail with one line before any tensor is read), reads each

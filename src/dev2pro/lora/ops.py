@@ -32,13 +32,8 @@ import torch
 
 from dev2pro.errors import CheckpointError, UserError
 from dev2pro.flux import checkpoint, keymap
-from dev2pro.lora.files import (
-    FORMATS,
-    bfl_lora_to_layers,
-    layers_to_bfl,
-    load_lora,
-    save_lora,
-)
+from dev2pro.lora.files import load_lora, save_lora
+from dev2pro.lora.formats import FORMATS, bfl_lora_to_layers, layers_to_bfl
 from dev2pro.lora.inject import TARGET_PRESETS, LoraLayer, LoraWeights
 
 # ---------------------------------------------------------------------------------------------------------------------

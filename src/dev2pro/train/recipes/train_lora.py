@@ -88,8 +88,9 @@ def check_compute_dtype(model: torch.nn.Module, train: T.TrainConfig) -> None:
 
 def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
-    from dev2pro.lora.files import load_lora, save_lora, training_metadata
+    from dev2pro.lora.files import load_lora, save_lora
     from dev2pro.lora.inject import add_lora, apply_lora, set_lora_strength
+    from dev2pro.lora.metadata import training_metadata
     from dev2pro.train import monitor as M
 
     # ---- setup
