@@ -405,7 +405,7 @@ def report(job: Job) -> str:
 
 def spec_from_base(base: str) -> FluxSpec:
     """The architecture named by `model.base`: `preset:NAME[@seed]`, a preset name, or a checkpoint file/folder
-    (read through `dev2pro.flux.checkpoint` when it is available, header only)."""
+    (read through `dev2pro.flux.describe` when it is available, header only)."""
     name = base.split(":", 1)[1] if base.startswith("preset:") else base
     name = name.split("@", 1)[0]
     if name in PRESETS:
@@ -416,10 +416,10 @@ def spec_from_base(base: str) -> FluxSpec:
               file=sys.stderr)
         return PRESETS["flux-dev"]
     try:
-        from dev2pro.flux import checkpoint
+        from dev2pro.flux import describe
     except ImportError:
         return PRESETS["flux-dev"]
-    reader = getattr(checkpoint, "read_spec", None) or getattr(checkpoint, "inspect_spec", None)
+    reader = getattr(describe, "read_spec", None) or getattr(describe, "inspect_spec", None)
     if reader is None:
         return PRESETS["flux-dev"]
     return reader(base)
@@ -428,9 +428,9 @@ def spec_from_base(base: str) -> FluxSpec:
 def _is_fp8_file(base: str) -> bool:
     if base.startswith(("toy:", "preset:")) or not Path(base).exists():
         return "fp8" in Path(base).name.lower()  # placeholder paths: the usual file names say it
-    from dev2pro.flux import checkpoint
+    from dev2pro.flux.sources import detect_format
 
-    return "fp8" in checkpoint.detect_format(base)
+    return "fp8" in detect_format(base)
 
 
 def job_from_config(data: dict, **overrides) -> Job:

@@ -615,25 +615,27 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     is free). Call `.bind(...)` on the result for the batch sampler."""
     from dev2pro.data import cache as cache_mod
     from dev2pro.data.folders import scan_dataset
-    from dev2pro.flux import components
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.encoders import free
+    from dev2pro.flux.text_encoders import load_text_encoder
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if (Path(data_cfg.dir) / "dataset.json").is_file():
         return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
     with accelerator.main_process_first():
-        autoencoder = components.load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
+        autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
         index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
-        text_encoder = components.load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+        text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
         dataset = cache_mod.prepare_cache(index, autoencoder, text_encoder, device=device, dtype=enc_dtype,
                                           progress=accelerator.is_main_process)
     embeddings = encode_prompts(text_encoder, prompts)
-    components.free(text_encoder)
+    free(text_encoder)
     if keep_autoencoder:
         if hasattr(autoencoder, "vae"):
             autoencoder.vae.to("cpu", torch.float32)
     else:
-        components.free(autoencoder)
+        free(autoencoder)
         autoencoder = None
     return TrainData(dataset=dataset, prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle,
                      info={"dataset_size": len(dataset), "images": len(index.items),
@@ -646,18 +648,20 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     prompt embeddings, checked against the encoder that made the shards) and the autoencoder if samples are decoded."""
     from dev2pro.data.shards import ShardStream, read_info
     from dev2pro.errors import DataError
-    from dev2pro.flux import components
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.encoders import free
+    from dev2pro.flux.text_encoders import load_text_encoder
 
     info = read_info(data_cfg.dir)
-    text_encoder = components.load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+    text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
     if text_encoder.identity != info["text"]:
         raise DataError(f"{data_cfg.dir}: the shards were encoded with text encoder {info['text']}, [model] t5/clip "
                         f"give {text_encoder.identity}: use the same encoders or rebuild the shards")
     embeddings = encode_prompts(text_encoder, prompts)
-    components.free(text_encoder)
+    free(text_encoder)
     autoencoder = None
     if keep_autoencoder:
-        autoencoder = components.load_autoencoder(model_cfg.autoencoder, device="cpu", dtype=torch.float32)
+        autoencoder = load_autoencoder(model_cfg.autoencoder, device="cpu", dtype=torch.float32)
     first = min(info["shards"], key=lambda sh: -sh["count"])
     probe = next(iter(ShardStream(data_cfg.dir, seed=0, batch_size=min(8, first["count"]), shuffle=False)))
     return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, shards=Path(data_cfg.dir),

@@ -70,7 +70,7 @@ def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: 
 
 def base_identity(ref: str) -> tuple[str, str]:
     """(name, content hash) of the base for the LoRA metadata; presets and toy models have no file to hash."""
-    from dev2pro.flux.checkpoint import model_hash
+    from dev2pro.flux.hashing import model_hash
 
     name = Path(ref).name if not ref.startswith(("preset:", "toy:")) else ref
     try:
