@@ -2,6 +2,11 @@
 
     loss = || v_theta+LoRA(x_t, t, c, g = train.guidance) - (eps - x0) ||^2      (flow.py's convention)
 
+or, with `train.guidance_loss = s` on a guidance-distilled base (dev), the guidance-preserving loss
+(`dev2pro.train.flow_step.guided_target`; one extra no-grad forward per micro-batch, about +1/3 of a step's compute):
+
+    loss = || v_theta+LoRA(x_t, t, c, g = s) - (v_u + s ((eps - x0) - v_u)) ||^2,   v_u = v_theta+LoRA(x_t,t,"",g=s)
+
 The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and applies the LoRA to dev; the guidance
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
 `dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
@@ -93,6 +98,19 @@ def base_identity(ref: str) -> tuple[str, str]:
         return name, ""
 
 
+def trained_guidance(train: TrainConfig) -> float:
+    """The guidance input the LoRA was trained at: `train.guidance_loss` when that is on, else `train.guidance`."""
+    return train.guidance_loss if train.guidance_loss > 0 else train.guidance
+
+
+def check_guidance_loss(train: TrainConfig, has_guidance: bool, base: str) -> None:
+    """The guidance-preserving loss trains the guidance input: a base without one (dev2pro, schnell-like) has none."""
+    if train.guidance_loss > 0 and not has_guidance:
+        raise ConfigError(f"train.guidance_loss = {train.guidance_loss:g} needs a base with a guidance embedding "
+                          f"(FLUX.1-dev); '{base}' has none: on a de-distilled base train with the plain loss "
+                          "(train.guidance_loss = 0)")
+
+
 def check_compute_dtype(model: torch.nn.Module, train: TrainConfig) -> None:
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
     if half and train.mixed_precision == "no":
@@ -116,6 +134,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     model = load_model(cfg.model.base, cfg.model.dtype, acc.device)
     check_compute_dtype(model, cfg.train)
     has_g = has_guidance_embed(model)
+    check_guidance_loss(cfg.train, has_g, cfg.model.base)
     add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed)
     if cfg.model.adapter:
         apply_lora(model, load_lora(cfg.model.adapter), cfg.model.adapter_strength, adapter_name=ADAPTER_NAME,
@@ -151,7 +170,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
             M.log_probe(probe, acc, model, step, log, mon_log)
         lr = set_lr(opt, step, cfg.train)
         per_g, t_g = flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=has_g,
-                                      guidance=cfg.train.guidance)
+                                      guidance=cfg.train.guidance, uncond=data.prompts[""])
         finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         done = step + 1
         if due(cfg.sample.every, done, cfg.train.steps):
@@ -172,14 +191,14 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     if acc.is_main_process:
         lora = lora_from_state(state, cfg.lora.alpha)
         name, digest = base_identity(cfg.model.base)
-        extra = {}
+        extra = {"dev2pro.guidance_loss": f"{cfg.train.guidance_loss:g}"} if cfg.train.guidance_loss > 0 else {}
         if cfg.model.adapter:
-            extra = {"dev2pro.adapter": Path(cfg.model.adapter).name,
+            extra |= {"dev2pro.adapter": Path(cfg.model.adapter).name,
                      "dev2pro.adapter_hash": base_identity(cfg.model.adapter)[1],
                      "dev2pro.adapter_strength": str(cfg.model.adapter_strength)}
         meta = training_metadata(
             base_model=name, base_model_hash=digest, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-            targets=cfg.lora.targets, training_guidance=cfg.train.guidance, steps=cfg.train.steps,
+            targets=cfg.lora.targets, training_guidance=trained_guidance(cfg.train), steps=cfg.train.steps,
             resolution=data.info.get("resolution"), dataset_size=data.info.get("dataset_size"), extra=extra)
         try:
             save_lora(final, lora, cfg.output.format, metadata=meta)
