@@ -1,4 +1,5 @@
-"""Bench d: peak RSS while loading and while converting a mid-size checkpoint (`dev2pro.flux.checkpoint`).
+"""Bench d: peak RSS while loading and while converting a mid-size checkpoint (`dev2pro.flux.checkpoint`,
+`dev2pro.flux.convert`).
 
 A flux-mid BFL file in bf16 is written once; then, each in a fresh process, (1) the runtime alone (python + torch +
 diffusers + dev2pro imported), (2) `load_transformer` of the file, (3) `dev2pro convert` of the file to fp8 with

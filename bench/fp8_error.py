@@ -18,18 +18,18 @@ STDS = (0.02, 0.005)  # the first is the goal's case
 
 def measure(preset: str = "flux-mid", latent: int = 16, txt_len: int = 16,
             std: float = 0.02) -> dict[str, dict[str, float]]:
-    from dev2pro.flux import checkpoint, fp8, models
+    from dev2pro.flux import fp8, models, output_check
 
     spec = models.PRESETS[preset]
     model = models.random_transformer(spec, seed=0, std=std)
-    inputs = checkpoint.fixed_inputs(spec, seed=0, latent=latent, txt_len=txt_len)
-    ref = checkpoint.model_output(model, inputs).float()
+    inputs = output_check.fixed_inputs(spec, seed=0, latent=latent, txt_len=txt_len)
+    ref = output_check.model_output(model, inputs).float()
     out = {}
     for scaling in fp8.SCALINGS:
         m = fp8.swap_linears_to_fp8(copy.deepcopy(model), scaling)
         werr = [fp8.relative_rms(lin.dequantized_weight(), model.get_submodule(p).weight.detach())
                 for p, lin in fp8.fp8_linears(m).items()]
-        y = checkpoint.model_output(m, inputs).float()
+        y = output_check.model_output(m, inputs).float()
         out[scaling] = {"weight": sum(werr) / len(werr), "output": fp8.relative_rms(y, ref)}
     return out
 
@@ -47,7 +47,7 @@ def run(quick: bool = False) -> str:
         "## c. fp8 output error: plain vs tensor- vs channel-scaled",
         f"Model: `{preset}` random init, normal(0, std); std 0.02 is like trained Flux weights (the goal's case), "
         "std 0.005 shows weights whose plain cast falls mostly into e4m3's subnormal range. fp32 reference; fixed "
-        "inputs (`dev2pro.flux.checkpoint.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
+        "inputs (`dev2pro.flux.output_check.fixed_inputs`). Goal: scaled output error <= 0.5x plain.",
         table(["weight std", "scaling", "mean rel. RMS weight error", "rel. RMS output error", "ratio to plain"], rows),
         verdict(worst[STDS[0]] <= GOAL, f"worst scaled/plain output error ratio = {worst[STDS[0]]:.3f} at std "
                 f"{STDS[0]} ({worst[STDS[1]]:.3f} at std {STDS[1]})."),

@@ -82,7 +82,7 @@ def step_fn(spec, model, params, resolution: int, text_len: int, device: str):
 def measure(preset: str, base: str, resolution: int, device: str, steps: int, warmup: int) -> dict:
     import torch
 
-    from dev2pro.train import plan_memory as pm
+    from dev2pro.train import memory_estimate as me
 
     text_len = 512 if preset.startswith("flux") else 16
     spec, model, params = build(preset, base, device)
@@ -101,9 +101,9 @@ def measure(preset: str, base: str, resolution: int, device: str, steps: int, wa
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    job = pm.Job(spec=spec, weight_dtype="fp8" if base.startswith("fp8") else "bf16", autocast=cuda, rank=16,
+    job = me.Job(spec=spec, weight_dtype="fp8" if base.startswith("fp8") else "bf16", autocast=cuda, rank=16,
                  resolution=resolution, text_len=text_len, gradient_checkpointing=True)
-    est = pm.estimate(job).peak
+    est = me.estimate(job).peak
     del model, params, step
     if cuda:
         torch.cuda.empty_cache()

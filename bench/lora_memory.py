@@ -1,5 +1,5 @@
 """Bench b: peak memory of the same LoRA job on a bf16 base and on an fp8 base, and the plan-memory validation at a
-mid size (measured vs `dev2pro.train.plan_memory.estimate`).
+mid size (measured vs `dev2pro.train.memory_estimate.estimate`).
 
 Measured on the CPU with `dev2pro.train.plan_memory.measure_peak_cpu`
 (fresh process per job, malloc mmap threshold 64 KiB
@@ -20,7 +20,7 @@ GOAL = 0.6
 
 def jobs(quick: bool):
     from dev2pro.flux import models
-    from dev2pro.train.plan_memory import Job
+    from dev2pro.train.memory_estimate import Job
 
     spec = models.PRESETS["tiny-dev" if quick else "flux-mid"]
     base = Job(spec=spec, weight_dtype="bf16", autocast=True, rank=16, resolution=128 if quick else 256, text_len=64)
@@ -36,14 +36,14 @@ def jobs(quick: bool):
 def jobs_real() -> list:
     """The same LoRA job on FLUX.1-dev at 512 and 1024 px, with and without checkpointing (estimates only)."""
     from dev2pro.flux import models
-    from dev2pro.train.plan_memory import Job
+    from dev2pro.train.memory_estimate import Job
 
     return [Job(spec=models.PRESETS["flux-dev"], weight_dtype="bf16", autocast=True, rank=16, resolution=res,
                 text_len=512, gradient_checkpointing=ck) for res in (512, 1024) for ck in (False, True)]
 
 
 def real_rows(js: list) -> list[list]:
-    from dev2pro.train.plan_memory import estimate
+    from dev2pro.train.memory_estimate import estimate
 
     rows = []
     for j in js:
@@ -54,7 +54,8 @@ def real_rows(js: list) -> list[list]:
 
 def run(quick: bool = False) -> str:
     one_thread()
-    from dev2pro.train.plan_memory import estimate, measure_peak_cpu, relative_error
+    from dev2pro.train.memory_estimate import estimate
+    from dev2pro.train.plan_memory import measure_peak_cpu, relative_error
 
     js = jobs(quick)
     measured = dict(zip(js, measure_peak_cpu(list(js.values()), steps=2)))

@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, rank: int) -> tuple[float, list[float]]:
     """(wall time of the whole run, per-step times). Step boundaries are taken from the recipe's once-per-step
-    `training.check_finite(loss, "loss", ...)` call, wrapped here to record a timestamp (nothing else changes)."""
+    `optim.check_finite(loss, "loss", ...)` call in `finish_step`, wrapped here to record a timestamp (nothing else
+    changes)."""
     from dev2pro.config import load_config
-    from dev2pro.train import training
+    from dev2pro.train import optim
     from dev2pro.train.recipes import train_lora
 
     cfg = load_config(train_lora.TrainLoraConfig, REPO / "configs" / "tiny-cpu.toml", [
@@ -39,20 +40,20 @@ def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, ra
         "sample.every=0", "monitor.every=0", "output.save_every=0", "train.warmup_steps=0", "train.lr=1e-4",
         f"data.cache_dir={out}/cache"])
     stamps = []
-    real = training.check_finite
+    real = optim.check_finite
 
     def stamped(value, what, step, out_dir):
         if what == "loss":
             stamps.append(time.perf_counter())
         return real(value, what, step, out_dir)
 
-    training.check_finite = stamped
+    optim.check_finite = stamped
     try:
         t = time.perf_counter()
         train_lora.run(cfg)
         total = time.perf_counter() - t
     finally:
-        training.check_finite = real
+        optim.check_finite = real
     return total, [b - a for a, b in zip(stamps[:-1], stamps[1:])]
 
 

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dev2pro.errors import CheckpointError
-from dev2pro.flux import checkpoint, keymap
+from dev2pro.flux import checkpoint, convert, describe, hashing, keymap, output_check, safetensors_io, sources
 from dev2pro.flux.models import PRESETS, random_transformer
 
 
 def _out(model, spec):
-    return checkpoint.model_output(model, checkpoint.fixed_inputs(spec, seed=1))
+    return output_check.model_output(model, output_check.fixed_inputs(spec, seed=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -28,8 +28,8 @@ def test_bfl_file_round_trip_is_bit_identical(tmp_path, dtype):
     spec = PRESETS["tiny-dev"]
     model = random_transformer(spec, 0, dtype=dtype)
     path = checkpoint.save_transformer(model, tmp_path / "m.safetensors")
-    assert checkpoint.detect_format(path) == "bfl"
-    assert checkpoint.read_spec(path) == spec
+    assert sources.detect_format(path) == "bfl"
+    assert describe.read_spec(path) == spec
     back = checkpoint.load_transformer(path)
     assert all(p.dtype == dtype for p in back.parameters())
     assert torch.equal(_out(back, spec), _out(model, spec))
@@ -44,7 +44,7 @@ def test_comfy_prefixed_checkpoint_loads_and_ignores_other_components(tmp_path):
     full = {"model.diffusion_model." + k: v for k, v in bfl.items()}
     full["first_stage_model.decoder.conv_in.weight"] = torch.ones(2, 2)  # the VAE of a full ComfyUI checkpoint
     save_file(full, tmp_path / "comfy.safetensors")
-    assert checkpoint.detect_format(tmp_path / "comfy.safetensors") == "bfl"
+    assert sources.detect_format(tmp_path / "comfy.safetensors") == "bfl"
     back = checkpoint.load_transformer(tmp_path / "comfy.safetensors", dtype="bf16")
     assert next(back.parameters()).dtype == torch.bfloat16
     ref = random_transformer(spec, 4).to(torch.bfloat16)
@@ -59,13 +59,13 @@ def test_diffusers_folder_sharded_round_trip_and_diffusers_interop(tmp_path):
     model = random_transformer(spec, 2)
     folder = tmp_path / "pipe" / "transformer"
     checkpoint.save_transformer(model, folder, format="diffusers", max_shard_bytes=64 * 1024)
-    index = json.loads((folder / checkpoint.DIFFUSERS_INDEX).read_text())
+    index = json.loads((folder / sources.DIFFUSERS_INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 2 and all((folder / s).is_file() for s in shards)
     assert set(index["weight_map"]) == set(model.state_dict())
     for ref in (folder, tmp_path / "pipe"):  # transformer folder, or the pipeline folder above it
-        assert checkpoint.detect_format(ref) == "diffusers"
-        assert checkpoint.read_spec(ref) == spec
+        assert sources.detect_format(ref) == "diffusers"
+        assert describe.read_spec(ref) == spec
         assert torch.equal(_out(checkpoint.load_transformer(ref), spec), _out(model, spec))
     theirs = FluxTransformer2DModel.from_pretrained(folder)
     assert torch.equal(_out(theirs, spec), _out(model, spec))
@@ -73,14 +73,14 @@ def test_diffusers_folder_sharded_round_trip_and_diffusers_interop(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     assert torch.equal(_out(checkpoint.load_transformer(tmp_path / "theirs"), spec), _out(model, spec))
     # diffusers folder -> BFL file -> same model
-    checkpoint.convert_checkpoint(folder, tmp_path / "b.safetensors", progress=False)
+    convert.convert_checkpoint(folder, tmp_path / "b.safetensors", progress=False)
     assert torch.equal(_out(checkpoint.load_transformer(tmp_path / "b.safetensors"), spec), _out(model, spec))
 
 
 def _sparse_checkpoint(path, spec, dtype="BF16", prefix=""):
     """A real-size safetensors file of `spec`: a real header, then zeros as a sparse hole (no disk, no RAM)."""
     header, pos = {}, 0
-    for k, shape in checkpoint.expected_shapes(spec, "bfl").items():
+    for k, shape in describe.expected_shapes(spec, "bfl").items():
         n = 2
         for s in shape:
             n *= s
@@ -101,9 +101,9 @@ def test_read_spec_of_a_real_size_header_allocates_nothing(tmp_path, name):
     nbytes = _sparse_checkpoint(path, PRESETS[name], prefix="model.diffusion_model.")
     assert nbytes > 23e9 if name == "flux-dev" else nbytes > 23e9 - 2e7
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert checkpoint.read_spec(path) == PRESETS[name]
-    info = checkpoint.describe_checkpoint(path)
-    assert (info.preset, info.format, info.dtypes) == (name, "bfl", {"bfloat16": len(checkpoint.expected_shapes(
+    assert describe.read_spec(path) == PRESETS[name]
+    info = describe.describe_checkpoint(path)
+    assert (info.preset, info.format, info.dtypes) == (name, "bfl", {"bfloat16": len(describe.expected_shapes(
         PRESETS[name], "bfl"))})
     assert info.num_params == PRESETS[name].num_params()
     if name == "flux-dev":
@@ -130,7 +130,7 @@ def test_preset_and_toy_references(monkeypatch, tmp_path):
 STREAM_SCRIPT = textwrap.dedent("""
     import gc, json, sys, torch
     from pathlib import Path
-    from dev2pro.flux import checkpoint
+    from dev2pro.flux import checkpoint, convert, describe
     from dev2pro.flux.models import PRESETS
     torch.set_num_threads(2)
     d, spec = Path(sys.argv[1]), PRESETS["flux-mid"]
@@ -142,15 +142,15 @@ STREAM_SCRIPT = textwrap.dedent("""
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
-    shapes = checkpoint.expected_shapes(spec, "diffusers")  # values do not matter here: zeros skip the RNG
+    shapes = describe.expected_shapes(spec, "diffusers")  # values do not matter here: zeros skip the RNG
     sd = {k: torch.zeros(s, dtype=torch.bfloat16) for k, s in shapes.items()}
     model_bytes = sum(t.numel() * 2 for t in sd.values())
     checkpoint.save_transformer(sd, d / "mid.safetensors", spec=spec)
     del sd
     gc.collect()
     base = kib("VmRSS"); reset_peak()
-    checkpoint.convert_checkpoint(d / "mid.safetensors", d / "mid8.safetensors", dtype="fp8_e4m3fn",
-                                  scaling="channel", progress=False)
+    convert.convert_checkpoint(d / "mid.safetensors", d / "mid8.safetensors", dtype="fp8_e4m3fn",
+                               scaling="channel", progress=False)
     convert_extra = kib("VmHWM") - base
     gc.collect()
     base = kib("VmRSS"); reset_peak()
@@ -183,7 +183,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(self, key, t):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint._StreamWriter, "write", boom)
+    monkeypatch.setattr(safetensors_io.StreamWriter, "write", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save_transformer(random_transformer(spec, 1), path)
     assert path.read_bytes() == before
@@ -208,7 +208,7 @@ def test_errors_are_one_line_and_name_the_file(tmp_path):
     }
     for name, msg in cases.items():
         path = tmp_path / f"{name}.safetensors"
-        for fn in (checkpoint.load_transformer, checkpoint.read_spec):
+        for fn in (checkpoint.load_transformer, describe.read_spec):
             with pytest.raises(CheckpointError) as e:
                 fn(path)
             assert msg in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -235,7 +235,7 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path, name):
     marker = tmp_path / "UNPICKLED"
     path = tmp_path / name
     path.write_bytes(pickle.dumps({"state_dict": _Payload(str(marker))}, protocol=4))
-    for fn in (checkpoint.detect_format, checkpoint.load_transformer, checkpoint.read_spec):
+    for fn in (sources.detect_format, checkpoint.load_transformer, describe.read_spec):
         with pytest.raises(CheckpointError, match="pickle") as e:
             fn(path)
         assert "convert it to safetensors" in str(e.value) and str(path) in str(e.value)
@@ -249,18 +249,18 @@ def test_torch_save_zip_is_refused(tmp_path):
     path = tmp_path / "weights.safetensors"
     torch.save({"a": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="pickle"):
-        checkpoint.detect_format(path)
+        sources.detect_format(path)
 
 
 def test_model_hash_is_sha256_of_the_file(tmp_path):
     spec = PRESETS["tiny-dev"]
     a = checkpoint.save_transformer(random_transformer(spec, 0), tmp_path / "a.safetensors")
     b = checkpoint.save_transformer(random_transformer(spec, 1), tmp_path / "b.safetensors")
-    assert checkpoint.model_hash(a) == "sha256:" + hashlib.sha256(a.read_bytes()).hexdigest()
-    assert checkpoint.model_hash(a) != checkpoint.model_hash(b)
+    assert hashing.model_hash(a) == "sha256:" + hashlib.sha256(a.read_bytes()).hexdigest()
+    assert hashing.model_hash(a) != hashing.model_hash(b)
     f = checkpoint.save_transformer(random_transformer(spec, 0), tmp_path / "f", format="diffusers")
-    h = checkpoint.model_hash(f)
-    assert h.startswith("sha256:") and h == checkpoint.model_hash(tmp_path / "f")
+    h = hashing.model_hash(f)
+    assert h.startswith("sha256:") and h == hashing.model_hash(tmp_path / "f")
 
 
 def test_model_hash_disk_cache_follows_size_and_mtime(tmp_path, monkeypatch):
@@ -268,7 +268,7 @@ def test_model_hash_disk_cache_follows_size_and_mtime(tmp_path, monkeypatch):
     import json
     import os
 
-    from dev2pro.flux import checkpoint as ck
+    from dev2pro.flux import hashing as ck
 
     monkeypatch.setattr(ck, "HASH_CACHE_FILE", tmp_path / "cache" / "sha256.json")
     monkeypatch.setattr(ck, "HASH_CACHE_MIN_BYTES", 0)

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from dev2pro.errors import CheckpointError, UserError
-from dev2pro.flux import components as C
+from dev2pro.flux import ae_keymap, autoencoder, encoders, text_encoders
 
 TINY_AE = dict(
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
     block_out_channels=[32, 64], layers_per_block=1, latent_channels=16, norm_num_groups=32, sample_size=32,
-    scaling_factor=C.FLUX_AE_SCALE, shift_factor=C.FLUX_AE_SHIFT, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=autoencoder.FLUX_AE_SCALE, shift_factor=autoencoder.FLUX_AE_SHIFT, use_quant_conv=False,
+    use_post_quant_conv=False,
 )
 
 
@@ -39,7 +40,7 @@ def ae_files(tiny_vae, tmp_path_factory):
     root = tmp_path_factory.mktemp("ae")
     tiny_vae.save_pretrained(root / "diffusers")
     tiny_vae.save_pretrained(root / "pipeline" / "vae")
-    bfl = C.diffusers_to_bfl_ae(tiny_vae.state_dict(), num_up=2)
+    bfl = ae_keymap.diffusers_to_bfl_ae(tiny_vae.state_dict(), num_up=2)
     save_file({k: v.contiguous() for k, v in bfl.items()}, root / "ae.safetensors")
     save_file({"first_stage_model." + k: v.contiguous() for k, v in bfl.items()}, root / "comfy_vae.safetensors")
     (root / "bfl_repo").mkdir()
@@ -51,16 +52,16 @@ def test_ae_key_table_matches_diffusers_converter(tiny_vae):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     sd = tiny_vae.state_dict()
-    bfl = C.diffusers_to_bfl_ae(sd, num_up=2)
+    bfl = ae_keymap.diffusers_to_bfl_ae(sd, num_up=2)
     assert "decoder.up.1.upsample.conv.weight" in bfl and "encoder.mid.attn_1.q.weight" in bfl
     assert bfl["encoder.mid.attn_1.q.weight"].ndim == 4  # ldm 1x1 conv
     ref = convert_ldm_vae_checkpoint(bfl, TINY_AE)  # diffusers' own ldm -> diffusers converter is the oracle
-    ours = C.bfl_to_diffusers_ae(bfl, num_up=2)
+    ours = ae_keymap.bfl_to_diffusers_ae(bfl, num_up=2)
     assert set(ref) == set(sd) == set(ours)
     for k in sd:
         assert torch.equal(ref[k], sd[k]), k
         assert torch.equal(ours[k], sd[k]), k
-    cfg = C.ae_config_from_bfl(bfl)
+    cfg = autoencoder.ae_config_from_bfl(bfl)
     for key in ("block_out_channels", "layers_per_block", "latent_channels", "use_quant_conv", "use_post_quant_conv"):
         assert cfg[key] == TINY_AE[key], key
 
@@ -70,13 +71,13 @@ def test_bfl_file_and_diffusers_folder_encode_decode_identically(tiny_vae, ae_fi
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         mean = tiny_vae.encode(images).latent_dist.mean
-        expected = C.FLUX_AE_SCALE * (mean - C.FLUX_AE_SHIFT)
+        expected = autoencoder.FLUX_AE_SCALE * (mean - autoencoder.FLUX_AE_SHIFT)
         z = torch.randn(2, 16, 16, 16)
-        expected_img = tiny_vae.decode(z / C.FLUX_AE_SCALE + C.FLUX_AE_SHIFT).sample.clamp(-1, 1)
+        expected_img = tiny_vae.decode(z / autoencoder.FLUX_AE_SCALE + autoencoder.FLUX_AE_SHIFT).sample.clamp(-1, 1)
     refs = ["diffusers", "pipeline", "ae.safetensors", "comfy_vae.safetensors", "bfl_repo"]
-    aes = [C.load_autoencoder(ae_files / r) for r in refs]
+    aes = [autoencoder.load_autoencoder(ae_files / r) for r in refs]
     for ref, ae in zip(refs, aes):
-        assert isinstance(ae, C.Autoencoder)
+        assert isinstance(ae, encoders.Autoencoder)
         assert (ae.latent_channels, ae.downsample) == (16, 2), ref
         lat = ae.encode(images)
         assert lat.dtype == torch.float32 and lat.shape == (2, 16, 16, 16)
@@ -88,7 +89,7 @@ def test_bfl_file_and_diffusers_folder_encode_decode_identically(tiny_vae, ae_fi
     aes[0].to(dtype=torch.float32)
     # the identity depends on weights and scaling, not on the file format
     assert len({ae.identity for ae in aes}) == 1
-    other = C.FluxAutoencoder(tiny_vae, scale=1.0, shift=0.0)
+    other = autoencoder.FluxAutoencoder(tiny_vae, scale=1.0, shift=0.0)
     assert other.identity != aes[0].identity
 
 
@@ -96,17 +97,17 @@ def test_ae_loading_errors(tmp_path):
     pkl = tmp_path / "ae.ckpt"
     pkl.write_bytes(b"\x80\x04not really")
     with pytest.raises(CheckpointError, match="pickle"):
-        C.load_autoencoder(pkl)
+        autoencoder.load_autoencoder(pkl)
     save_file({"foo.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(CheckpointError, match="other.safetensors.*not an autoencoder"):
-        C.load_autoencoder(tmp_path / "other.safetensors")
+        autoencoder.load_autoencoder(tmp_path / "other.safetensors")
     (tmp_path / "trunc.safetensors").write_bytes((tmp_path / "other.safetensors").read_bytes()[:-3])
     with pytest.raises(CheckpointError, match="trunc.safetensors"):
-        C.load_autoencoder(tmp_path / "trunc.safetensors")
+        autoencoder.load_autoencoder(tmp_path / "trunc.safetensors")
     with pytest.raises(UserError, match="not found"):
-        C.load_autoencoder(tmp_path / "missing.safetensors")
+        autoencoder.load_autoencoder(tmp_path / "missing.safetensors")
     with pytest.raises(UserError, match="no autoencoder here"):
-        C.load_autoencoder(tmp_path)
+        autoencoder.load_autoencoder(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def _tiny_tokenizers():
     merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
-    clip_tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=C.CLIP_MAX_LENGTH)
+    clip_tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=text_encoders.CLIP_MAX_LENGTH)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     pieces += [(c, -2.0) for c in letters] + [("\u2581" + c, -1.5) for c in letters] + [("\u2581cat", -1.0)]
     t5_tok = T5Tokenizer(vocab=pieces, extra_ids=0)
@@ -158,8 +159,8 @@ def test_text_encoders_match_flux_pipeline_encode_prompt(text_folders):
 
     root, (t5, t5_tok, clip, clip_tok) = text_folders
     prompts = ["a cat", "the dog sat on a mat with a cat"]
-    enc = C.load_text_encoder(root / "t5", root / "clip", max_length=16)
-    assert isinstance(enc, C.TextEncoder)
+    enc = text_encoders.load_text_encoder(root / "t5", root / "clip", max_length=16)
+    assert isinstance(enc, encoders.TextEncoder)
     assert (enc.context_dim, enc.pooled_dim, enc.max_length) == (32, 24, 16)
     txt, pooled = enc.encode(prompts)
     assert txt.shape == (2, 16, 32) and pooled.shape == (2, 24) and txt.dtype == pooled.dtype == torch.float32
@@ -172,50 +173,50 @@ def test_text_encoders_match_flux_pipeline_encode_prompt(text_folders):
     assert not torch.allclose(pooled[0], pooled[1])  # different prompts really differ
 
     # pipeline layout (one folder for both), same numbers and same identity
-    enc2 = C.load_text_encoder(root / "pipe", max_length=16)
+    enc2 = text_encoders.load_text_encoder(root / "pipe", max_length=16)
     txt2, pooled2 = enc2.encode(prompts)
     assert torch.equal(txt, txt2) and torch.equal(pooled, pooled2)
     assert enc2.identity == enc.identity
-    assert C.load_text_encoder(root / "pipe", max_length=8).identity != enc.identity
+    assert text_encoders.load_text_encoder(root / "pipe", max_length=8).identity != enc.identity
 
-    C.free(enc2)
+    encoders.free(enc2)
     assert all(p.device.type == "meta" for p in enc2.t5.parameters())
 
 
 def test_text_encoder_errors(tmp_path, text_folders):
     root, _ = text_folders
     with pytest.raises(UserError, match="no T5 model here"):
-        C.load_text_encoder(tmp_path, root / "clip")
+        text_encoders.load_text_encoder(tmp_path, root / "clip")
     with pytest.raises(UserError, match="not found"):
-        C.load_text_encoder("./nope/t5", root / "clip")
+        text_encoders.load_text_encoder("./nope/t5", root / "clip")
     with pytest.raises(UserError, match="toy text encoder replaces both"):
-        C.load_text_encoder("toy", root / "clip")
+        text_encoders.load_text_encoder("toy", root / "clip")
 
 
 def test_named_refs_resolve_through_the_provider_registry(monkeypatch, tmp_path):
     """`flux` never imports the toy world: "toy" (and any registered name) resolves through `flux.providers`."""
-    from dev2pro.flux import checkpoint, providers
+    from dev2pro.flux import providers, sources
 
     fake = types.ModuleType("fake_provider")
     fake.autoencoder = lambda: "fake-ae"
     fake.text_encoder = lambda: "fake-text"
     fake.model_path = lambda name: tmp_path / f"{name}.safetensors"
     monkeypatch.setitem(providers.PROVIDERS, "toy", fake)
-    assert C.load_autoencoder("toy") == "fake-ae"
-    assert C.load_text_encoder("toy", "toy") == "fake-text"
-    assert C.load_text_encoder("toy") == "fake-text"
-    assert checkpoint.resolve_ref("toy:pro") == tmp_path / "pro.safetensors"
-    assert checkpoint.resolve_ref("some/file:with-colon.safetensors") == Path("some/file:with-colon.safetensors")
+    assert autoencoder.load_autoencoder("toy") == "fake-ae"
+    assert text_encoders.load_text_encoder("toy", "toy") == "fake-text"
+    assert text_encoders.load_text_encoder("toy") == "fake-text"
+    assert sources.resolve_ref("toy:pro") == tmp_path / "pro.safetensors"
+    assert sources.resolve_ref("some/file:with-colon.safetensors") == Path("some/file:with-colon.safetensors")
     monkeypatch.setitem(providers.PROVIDERS, "mine", types.ModuleType("bare"))
     with pytest.raises(UserError, match="'mine' provides no autoencoder"):
-        C.load_autoencoder("mine")
+        autoencoder.load_autoencoder("mine")
 
 
 def test_flux_layer_imports_nothing_above_it():
     """Layering: `dev2pro.flux` imports no LoRA, data, training, evaluation or toy module (checked in a fresh
     interpreter, so nothing imported by other tests hides it)."""
-    code = ("import sys, dev2pro.flux.checkpoint, dev2pro.flux.components, dev2pro.flux.sampling, dev2pro.flux.fp8, "
-            "dev2pro.flux.flow, dev2pro.flux.keymap, dev2pro.flux.models\n"
+    code = ("import importlib, pkgutil, sys, dev2pro.flux\n"
+            "for m in pkgutil.iter_modules(dev2pro.flux.__path__): importlib.import_module('dev2pro.flux.' + m.name)\n"
             "bad = [m for m in sys.modules if m.split('.')[:2] in (['dev2pro', 'lora'], ['dev2pro', 'data'], "
             "['dev2pro', 'train'], ['dev2pro', 'eval'], ['dev2pro', 'toy'])]\n"
             "print(bad); sys.exit(1 if bad else 0)")
@@ -229,10 +230,10 @@ def test_real_flux_ae_layout_on_meta():
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**C.FLUX_AE_CONFIG)
-    bfl = C.diffusers_to_bfl_ae(vae.state_dict(), num_up=4)
+        vae = AutoencoderKL(**autoencoder.FLUX_AE_CONFIG)
+    bfl = ae_keymap.diffusers_to_bfl_ae(vae.state_dict(), num_up=4)
     assert len(bfl) == 244 and sum(t.numel() for t in bfl.values()) == 83_819_683
     assert tuple(bfl["decoder.up.0.block.0.nin_shortcut.weight"].shape) == (128, 256, 1, 1)
     assert tuple(bfl["decoder.conv_in.weight"].shape) == (512, 16, 3, 3)
     assert "decoder.up.0.upsample.conv.weight" not in bfl and "decoder.up.3.upsample.conv.weight" in bfl
-    assert C.ae_config_from_bfl(bfl) == C.FLUX_AE_CONFIG
+    assert autoencoder.ae_config_from_bfl(bfl) == autoencoder.FLUX_AE_CONFIG

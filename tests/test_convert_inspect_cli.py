@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from dev2pro.cli import main
 from dev2pro.commands.convert import output_check_decision
-from dev2pro.flux import checkpoint
+from dev2pro.flux import checkpoint, convert, output_check, sources
 from dev2pro.flux.models import PRESETS, random_transformer
 
 SPEC = PRESETS["tiny-dev"]
@@ -54,7 +54,7 @@ def test_convert_fp8_summary(bfl, tmp_path, capsys):
     assert rows["embedders"] == (0.0, "bfloat16") and rows["final layer"] == (0.0, "bfloat16")
     err = float(out.split("vs source (fixed input): ")[1].split()[0])
     assert 0 < err < 0.05
-    assert err == pytest.approx(checkpoint.model_output_error(bfl, tmp_path / "f8.safetensors"), rel=1e-3)
+    assert err == pytest.approx(output_check.model_output_error(bfl, tmp_path / "f8.safetensors"), rel=1e-3)
 
 
 def test_output_check_is_skipped_for_large_models():
@@ -68,8 +68,8 @@ def test_inspect_formats(bfl, tmp_path, capsys):
     checkpoint.save_transformer(load_file(bfl), tmp_path / "pipe" / "transformer", format="diffusers", spec=SPEC,
                                 max_shard_bytes=50_000)
     for scaling in ("none", "tensor", "channel"):
-        checkpoint.convert_checkpoint(bfl, tmp_path / f"{scaling}.safetensors", dtype="fp8_e4m3fn", scaling=scaling,
-                                      progress=False)
+        convert.convert_checkpoint(bfl, tmp_path / f"{scaling}.safetensors", dtype="fp8_e4m3fn", scaling=scaling,
+                                   progress=False)
     n = f"{SPEC.num_params():,}"
     cases = {
         bfl: ["bfl (BFL single file)", "bfloat16: 52"],
@@ -99,10 +99,10 @@ def _kohya_lora(path):
 
 def test_inspect_hands_lora_files_over(tmp_path, capsys, monkeypatch):
     path = _kohya_lora(tmp_path / "lora.safetensors")
-    assert checkpoint.detect_format(path) == "lora"
+    assert sources.detect_format(path) == "lora"
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "rank" in out and "kohya" in out.lower()
-    monkeypatch.setitem(sys.modules, "dev2pro.lora.files", None)  # the LoRA module missing: generic description
+    monkeypatch.setitem(sys.modules, "dev2pro.lora.describe", None)  # the LoRA module missing: generic description
     code, out, _ = _run(capsys, "inspect", path)
     assert code == 0 and "LoRA (3 tensors)" in out and "ss_network_dim = 4" in out
     code, _, err = _run(capsys, "convert", path, tmp_path / "x.safetensors")

@@ -11,12 +11,27 @@ def test_interpolation_endpoints_and_target():
     assert torch.equal(flow.interpolate(x0, eps, torch.ones(3)), eps)
     t = torch.tensor([0.25, 0.5, 0.75])
     xt = flow.interpolate(x0, eps, t)
-    # d x_t / d t = eps - x0: one exact Euler step from t to 0 with the true velocity recovers x0
-    back = flow.euler_step(xt, flow.velocity_target(x0, eps), 0.0, 0.0)
-    assert torch.equal(back, xt)
+    # d x_t / d t = eps - x0 is constant along the straight path, so one Euler step from t to 0 with the true
+    # velocity recovers x0
     for i, ti in enumerate(t.tolist()):
         rec = flow.euler_step(xt[i], (eps - x0)[i], ti, 0.0)
         torch.testing.assert_close(rec, x0[i])
+
+
+def test_euler_step_with_the_true_velocity_lands_on_the_path():
+    """One Euler step from t to t' (either direction, any size) with v = eps - x0 lands exactly on x_t'; a wrong
+    velocity (a scaled one, or the sign-flipped x0 - eps) does not."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 6, 8, generator=g, dtype=torch.float64)
+    v = flow.velocity_target(x0, eps)
+    for t, t_next in [(1.0, 0.75), (0.8, 0.3), (0.6, 0.0), (0.2, 0.9)]:
+        x_t = flow.interpolate(x0, eps, torch.full((4,), t, dtype=torch.float64))
+        want = flow.interpolate(x0, eps, torch.full((4,), t_next, dtype=torch.float64))
+        torch.testing.assert_close(flow.euler_step(x_t, v, t, t_next), want, rtol=0, atol=1e-12)
+        for wrong in (0.9 * v, -v):
+            miss = (flow.euler_step(x_t, wrong, t, t_next) - want).abs().max().item()
+            assert miss > 0.01 * abs(t_next - t)
 
 
 def test_flux_mu_matches_reference_points():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dev2pro.flux import checkpoint, fp8, keymap
+from dev2pro.flux import checkpoint, convert, describe, fp8, keymap, models, output_check, sources
 from dev2pro.flux.models import PRESETS, FluxSpec, random_transformer
 
 E4M3 = torch.float8_e4m3fn
@@ -53,14 +53,14 @@ def test_plain_vs_tensor_vs_channel_on_a_std_002_model(tmp_path):
     docs/formats.md reports these numbers."""
     model = random_transformer(SMALL, 0)
     src = checkpoint.save_transformer(model, tmp_path / "src.safetensors")
-    inputs = checkpoint.fixed_inputs(SMALL)
-    ref = checkpoint.model_output(model, inputs)
+    inputs = output_check.fixed_inputs(SMALL)
+    ref = output_check.model_output(model, inputs)
     weights, outputs = {}, {}
     for scaling in fp8.SCALINGS:
         dst = tmp_path / f"{scaling}.safetensors"
-        summary = checkpoint.convert_checkpoint(src, dst, dtype="fp8_e4m3fn", scaling=scaling, progress=False)
+        summary = convert.convert_checkpoint(src, dst, dtype="fp8_e4m3fn", scaling=scaling, progress=False)
         weights[scaling] = _total_rel_rms(summary)
-        out = checkpoint.model_output(checkpoint.load_transformer(dst, dtype=torch.float32), inputs)
+        out = output_check.model_output(checkpoint.load_transformer(dst, dtype=torch.float32), inputs)
         outputs[scaling] = fp8.relative_rms(out, ref)
     print("\nfp8 on a std-0.02 model (hidden 256): weight rel RMS / output rel RMS")
     for s in fp8.SCALINGS:
@@ -90,13 +90,13 @@ def test_plain_vs_tensor_vs_channel_on_a_std_002_model(tmp_path):
 def test_file_layouts_plain_comfy_scaled_and_channel(tmp_path):
     spec = PRESETS["tiny-dev"]
     src = checkpoint.save_transformer(random_transformer(spec, 0, dtype=torch.bfloat16), tmp_path / "src.safetensors")
-    bfl_keys = set(checkpoint.expected_shapes(spec, "bfl"))
+    bfl_keys = set(describe.expected_shapes(spec, "bfl"))
     orig = checkpoint.load_transformer(src).state_dict()
     orig_bfl = keymap.diffusers_to_bfl(orig, spec.hidden_size)
     for scaling, fmt in (("none", "fp8"), ("tensor", "comfy-scaled-fp8"), ("channel", "dev2pro-channel-fp8")):
         dst = tmp_path / f"{scaling}.safetensors"
-        checkpoint.convert_checkpoint(src, dst, dtype="fp8_e4m3fn", scaling=scaling, progress=False)
-        assert checkpoint.detect_format(dst) == fmt
+        convert.convert_checkpoint(src, dst, dtype="fp8_e4m3fn", scaling=scaling, progress=False)
+        assert sources.detect_format(dst) == fmt
         with safe_open(dst, "pt") as f:  # safetensors' reader, not ours
             keys = set(f.keys())
             weights = [k for k in bfl_keys if fp8.is_quantized_key(k, orig_bfl[k].shape)]
@@ -124,7 +124,7 @@ def test_file_layouts_plain_comfy_scaled_and_channel(tmp_path):
 
 def _reference_model(spec, bfl_float):
     """A plain model from already dequantized BFL tensors (the reference for fp8 loading)."""
-    model = checkpoint.build_transformer(spec, device="cpu")
+    model = models.build_transformer(spec, device="cpu")
     model.load_state_dict(keymap.bfl_to_diffusers(bfl_float, spec.hidden_size))
     return model
 
@@ -156,9 +156,9 @@ def test_third_party_style_fp8_files_load_with_fp8_kept(tmp_path, scaling):
         file["dev2pro_fp8_channel"] = torch.empty(0, dtype=E4M3)
     path = tmp_path / "f.safetensors"
     save_file(file, path)
-    assert checkpoint.detect_format(path) == {"none": "fp8", "tensor": "comfy-scaled-fp8",
-                                              "channel": "dev2pro-channel-fp8"}[scaling]
-    info = checkpoint.describe_checkpoint(path)
+    assert sources.detect_format(path) == {"none": "fp8", "tensor": "comfy-scaled-fp8",
+                                           "channel": "dev2pro-channel-fp8"}[scaling]
+    info = describe.describe_checkpoint(path)
     assert info.fp8_scaling == scaling and info.num_params == spec.num_params()
 
     model = checkpoint.load_transformer(path, dtype=torch.float32)
@@ -171,16 +171,16 @@ def test_third_party_style_fp8_files_load_with_fp8_kept(tmp_path, scaling):
     assert all(m.weight.dtype == E4M3 and m.scaling == scaling for m in linears.values())
     assert not isinstance(model.x_embedder, fp8.Fp8Linear) and model.dtype == torch.float32
     ref = _reference_model(spec, deq)
-    inputs = checkpoint.fixed_inputs(spec)
-    assert torch.equal(checkpoint.model_output(model, inputs), checkpoint.model_output(ref, inputs))
+    inputs = output_check.fixed_inputs(spec)
+    assert torch.equal(output_check.model_output(model, inputs), output_check.model_output(ref, inputs))
     plain = checkpoint.load_transformer(path, dtype=torch.float32, fp8="dequantize")
     assert not fp8.fp8_linears(plain)
-    assert torch.equal(checkpoint.model_output(plain, inputs), checkpoint.model_output(ref, inputs))
+    assert torch.equal(output_check.model_output(plain, inputs), output_check.model_output(ref, inputs))
     # an fp8 model saves back to the same format, losslessly
     checkpoint.save_transformer(model, tmp_path / "again.safetensors")
-    assert checkpoint.detect_format(tmp_path / "again.safetensors") == checkpoint.detect_format(path)
+    assert sources.detect_format(tmp_path / "again.safetensors") == sources.detect_format(path)
     again = checkpoint.load_transformer(tmp_path / "again.safetensors", dtype=torch.float32)
-    assert torch.equal(checkpoint.model_output(again, inputs), checkpoint.model_output(ref, inputs))
+    assert torch.equal(output_check.model_output(again, inputs), output_check.model_output(ref, inputs))
 
 
 def test_fp8_linear_forward_dtype_and_surgery():
@@ -213,14 +213,14 @@ def test_fp8_linear_forward_dtype_and_surgery():
 
     spec = PRESETS["tiny-pro"]
     model = random_transformer(spec, 0)
-    inputs = checkpoint.fixed_inputs(spec)
-    ref = checkpoint.model_output(model, inputs)
+    inputs = output_check.fixed_inputs(spec)
+    ref = output_check.model_output(model, inputs)
     fp8.swap_linears_to_fp8(model, "channel")
     names = set(fp8.fp8_linears(model))
     assert "transformer_blocks.0.attn.to_q" in names and "single_transformer_blocks.0.proj_out" in names
     assert not names & {"x_embedder", "context_embedder", "proj_out", "norm_out.linear",
                         "time_text_embed.timestep_embedder.linear_1"}
-    assert fp8.relative_rms(checkpoint.model_output(model, inputs), ref) < 0.01
+    assert fp8.relative_rms(output_check.model_output(model, inputs), ref) < 0.01
 
 
 def test_peft_lora_wraps_an_fp8_base_linear(tmp_path):
@@ -230,7 +230,7 @@ def test_peft_lora_wraps_an_fp8_base_linear(tmp_path):
     spec = PRESETS["tiny-dev"]
     src = checkpoint.save_transformer(random_transformer(spec, 0), tmp_path / "src.safetensors")
     path = tmp_path / "f8.safetensors"
-    checkpoint.convert_checkpoint(src, path, dtype="fp8_e4m3fn", scaling="channel", progress=False)
+    convert.convert_checkpoint(src, path, dtype="fp8_e4m3fn", scaling="channel", progress=False)
     model = checkpoint.load_transformer(path, dtype=torch.bfloat16)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -250,7 +250,7 @@ def test_peft_lora_wraps_an_fp8_base_linear(tmp_path):
     expected = layer.base_layer(x).float() + (x.float() @ a.T @ b.T) * (8 / 4)
     assert torch.allclose(layer(x).float(), expected, rtol=1e-2, atol=1e-2)
 
-    inputs = checkpoint.fixed_inputs(spec)
+    inputs = output_check.fixed_inputs(spec)
     from dev2pro.flux.models import predict
 
     out = predict(model, inputs["x"].bfloat16(), inputs["t"], inputs["txt"].bfloat16(), inputs["pooled"].bfloat16(),

@@ -6,7 +6,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file
 
-from dev2pro.flux import checkpoint, keymap
+from dev2pro.flux import checkpoint, describe, keymap
 from dev2pro.flux.models import PRESETS, random_transformer
 
 
@@ -15,7 +15,7 @@ def _distinct_rows_state_dict(spec, dtype, seed=0):
     permutation shows; cheap enough for a 0.5B-parameter model (random normal would take ~10 s here)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k, s in checkpoint.expected_shapes(spec, "diffusers").items():
+    for k, s in describe.expected_shapes(spec, "diffusers").items():
         r = torch.randn(s[0], generator=g).to(dtype)
         out[k] = r[:, None] + torch.randn(s[1], generator=g).to(dtype)[None, :] if len(s) == 2 else r
     return out
@@ -28,7 +28,7 @@ def test_our_bfl_file_through_diffusers_converter_gives_back_original_tensors(fa
     sd = _distinct_rows_state_dict(spec, torch.bfloat16)
     path = checkpoint.save_transformer(sd, fast_tmp / "flux.safetensors", spec=spec)
     bfl = load_file(path)  # safetensors' own reader: independent of ours
-    assert set(bfl) == set(checkpoint.expected_shapes(spec, "bfl"))
+    assert set(bfl) == set(describe.expected_shapes(spec, "bfl"))
     back = convert_flux_transformer_checkpoint_to_diffusers(bfl)
     assert set(back) == set(sd)
     bad = [k for k in sd if not torch.equal(back[k], sd[k])]
@@ -39,7 +39,7 @@ def test_state_dict_round_trip_and_prefix():
     spec = PRESETS["tiny-dev"]
     sd = random_transformer(spec, 1).state_dict()
     bfl = keymap.diffusers_to_bfl(sd, spec.hidden_size)
-    assert set(bfl) == set(checkpoint.expected_shapes(spec, "bfl"))
+    assert set(bfl) == set(describe.expected_shapes(spec, "bfl"))
     prefixed = {"model.diffusion_model." + k: v for k, v in bfl.items()}
     back = keymap.bfl_to_diffusers(prefixed, spec.hidden_size)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)

@@ -11,19 +11,11 @@ from safetensors.torch import save_file
 
 from dev2pro.errors import CheckpointError, UserError
 from dev2pro.flux.models import PRESETS, image_ids, predict, random_transformer, text_ids
-from dev2pro.lora.files import (
-    METADATA_KEYS,
-    describe_lora,
-    detect_format,
-    fuse_pieces,
-    kohya_name_to_bfl,
-    load_lora,
-    save_lora,
-    split_fused,
-    to_state_dict,
-    training_metadata,
-)
+from dev2pro.lora.describe import describe_lora
+from dev2pro.lora.files import detect_format, load_lora, save_lora
+from dev2pro.lora.formats import fuse_pieces, kohya_name_to_bfl, split_fused, to_state_dict
 from dev2pro.lora.inject import LoraLayer, LoraWeights, add_lora, linear_modules, lora_parameters, lora_state_dict
+from dev2pro.lora.metadata import METADATA_KEYS, training_metadata
 
 SPEC = PRESETS["tiny-dev"]
 H = SPEC.hidden_size

@@ -6,7 +6,8 @@ import torch
 
 from dev2pro.errors import UserError
 from dev2pro.flux import fp8
-from dev2pro.flux.checkpoint import convert_checkpoint, load_transformer, save_transformer
+from dev2pro.flux.checkpoint import load_transformer, save_transformer
+from dev2pro.flux.convert import convert_checkpoint
 from dev2pro.flux.models import PRESETS, random_transformer
 from dev2pro.lora.files import load_lora, save_lora
 from dev2pro.lora.inject import LoraLayer, LoraWeights, linear_modules, merge_lora_into_model

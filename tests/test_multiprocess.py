@@ -3,7 +3,7 @@
 Per-process batch b over 2 processes must match 1 process with batch 2b (same seed, same data; 2 accumulated
 micro-batches per step, so DDP's no_sync path runs too) in loss trajectory within float tolerance: the sampler gives
 rank r the items [r b, (r + 1) b) of each global batch and the objective's noise, times and dropout are drawn for the
-global batch (see dev2pro.train.training). A checkpoint written by 2 processes must resume in 1. The same file is the
+global batch (see dev2pro.train.distributed). A checkpoint written by 2 processes must resume in 1. The same file is the
 worker script (`python tests/test_multiprocess.py --worker ...`).
 """
 
@@ -28,21 +28,22 @@ def _worker(out: str, strategy: str, batch: int, steps: int, save_every: int, re
     import torch
 
     from dev2pro.toy.world import ToyAutoencoder, ToyTextEncoder, make_batch
-    from dev2pro.train import training as T
+    from dev2pro.train.config import DistributedConfig, ModelConfig, OutputConfig, TrainConfig
+    from dev2pro.train.data_loading import InMemoryDataset, TrainData, encode_prompts
     from dev2pro.train.recipes import dedistill
 
     torch.set_num_threads(1)
     images, captions, _ = make_batch(8, 0)
     text = ToyTextEncoder()
     txt, pooled = text.encode(captions)
-    data = T.TrainData(dataset=T.InMemoryDataset(ToyAutoencoder().encode(images), txt, pooled, captions),
-                       prompts=T.encode_prompts(text, []))
+    data = TrainData(dataset=InMemoryDataset(ToyAutoencoder().encode(images), txt, pooled, captions),
+                     prompts=encode_prompts(text, []))
     cfg = dedistill.DedistillConfig(
-        model=T.ModelConfig(base="preset:tiny-dev@0"),
-        train=T.TrainConfig(steps=steps, batch_size=batch, grad_accum=2, lr=2e-3, device="cpu",
-                            timestep_sampling="uniform"),
-        output=T.OutputConfig(dir=out, name="model", dtype="fp32", save_every=save_every, keep_last=5),
-        distributed=T.DistributedConfig(strategy=strategy))
+        model=ModelConfig(base="preset:tiny-dev@0"),
+        train=TrainConfig(steps=steps, batch_size=batch, grad_accum=2, lr=2e-3, device="cpu",
+                          timestep_sampling="uniform"),
+        output=OutputConfig(dir=out, name="model", dtype="fp32", save_every=save_every, keep_last=5),
+        distributed=DistributedConfig(strategy=strategy))
     dedistill.run(cfg, resume=resume, data=data)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from dev2pro.cli import main
 from dev2pro.flux import models
+from dev2pro.train import memory_estimate as me
 from dev2pro.train import plan_memory as pm
 
 SMALL = models.FluxSpec(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=64,
@@ -20,13 +21,13 @@ def test_parameter_tables_match_the_diffusers_model():
     model = models.build_transformer(spec)  # meta: no allocation
     blocks = {"double": model.transformer_blocks[0], "single": model.single_transformer_blocks[0]}
     for kind, block in blocks.items():
-        assert pm.block_params(spec)[kind] == sum(p.numel() for p in block.parameters())
+        assert me.block_params(spec)[kind] == sum(p.numel() for p in block.parameters())
         linears = {n: (m.in_features, m.out_features) for n, m in block.named_modules()
                    if isinstance(m, torch.nn.Linear)}
-        assert linears == {n: (i, o) for n, i, o in pm.block_linears(spec)[kind]}
+        assert linears == {n: (i, o) for n, i, o in me.block_linears(spec)[kind]}
     quantized = sum(p.numel() for n, p in model.named_parameters()
                     if pm_is_quantized(n, p.shape))
-    assert pm.quantized_params(spec) == quantized
+    assert me.quantized_params(spec) == quantized
     assert 11_901_408_320 == spec.num_params() == sum(p.numel() for p in model.parameters())
 
 
@@ -43,7 +44,7 @@ def test_lora_param_count_matches_add_lora(targets):
     spec = models.PRESETS["tiny-dev"]
     model = models.random_transformer(spec)
     add_lora(model, rank=4, alpha=4, targets=targets, seed=0)
-    assert pm.lora_params(spec, 4, targets) == sum(p.numel() for p in lora_parameters(model))
+    assert me.lora_params(spec, 4, targets) == sum(p.numel() for p in lora_parameters(model))
 
 
 def _saved_bytes_per_block(spec, weight_dtype, autocast, targets, n_img_side=16, n_txt=16):
@@ -82,8 +83,8 @@ def _saved_bytes_per_block(spec, weight_dtype, autocast, targets, n_img_side=16,
                                                            ("bf16", True, "attention"), ("bf16", True, "all-linear")])
 def test_activation_formula_matches_saved_tensors(weight_dtype, autocast, targets):
     per_block, n = _saved_bytes_per_block(SMALL, weight_dtype, autocast, targets)
-    job = pm.Job(spec=SMALL, weight_dtype=weight_dtype, autocast=autocast, rank=4, targets=targets)
-    formula = pm.activation_bytes_per_token(job)
+    job = me.Job(spec=SMALL, weight_dtype=weight_dtype, autocast=autocast, rank=4, targets=targets)
+    formula = me.activation_bytes_per_token(job)
     rope = 2 * SMALL.head_dim * 4  # saved once, in the first block that uses it
     # double1 / single1: inputs require grad (steady state); double0's inputs do not.
     assert per_block["double1"] / n == pytest.approx(formula["double"], rel=0.05)
@@ -93,9 +94,9 @@ def test_activation_formula_matches_saved_tensors(weight_dtype, autocast, target
 
 def test_fp8_weight_bytes_keep_high_precision_parts():
     spec = models.PRESETS["flux-dev"]
-    b16 = pm.estimate(pm.Job(spec=spec, weight_dtype="bf16"))
-    b8 = pm.estimate(pm.Job(spec=spec, weight_dtype="fp8"), fp8_weight_copies=False)
-    q = pm.quantized_params(spec)
+    b16 = me.estimate(me.Job(spec=spec, weight_dtype="bf16"))
+    b8 = me.estimate(me.Job(spec=spec, weight_dtype="fp8"), fp8_weight_copies=False)
+    q = me.quantized_params(spec)
     assert b16.weights == 2 * spec.num_params()
     assert b8.weights == q + 2 * (spec.num_params() - q)
     # Published fp8 reposts are 11,901,525,888 bytes with everything in fp8; ours keeps ~67 M params in bf16.
@@ -103,10 +104,10 @@ def test_fp8_weight_bytes_keep_high_precision_parts():
 
 
 def test_checkpointing_and_swap_reduce_the_estimate():
-    job = pm.Job(spec=models.PRESETS["flux-dev"], resolution=1024)
-    full = pm.estimate(job)
-    ckpt = pm.estimate(dataclasses.replace(job, gradient_checkpointing=True))
-    swap = pm.estimate(dataclasses.replace(job, gradient_checkpointing=True, blocks_to_swap=20))
+    job = me.Job(spec=models.PRESETS["flux-dev"], resolution=1024)
+    full = me.estimate(job)
+    ckpt = me.estimate(dataclasses.replace(job, gradient_checkpointing=True))
+    swap = me.estimate(dataclasses.replace(job, gradient_checkpointing=True, blocks_to_swap=20))
     assert ckpt.activations < full.activations / 10
     assert swap.weights < ckpt.weights - 6 * 2**30
     assert full.peak > ckpt.peak > swap.peak
@@ -115,11 +116,11 @@ def test_checkpointing_and_swap_reduce_the_estimate():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures /proc VmHWM")
 def test_estimate_within_20_percent_of_measured_cpu_peak():
     spec = dataclasses.replace(SMALL, depth=1)
-    base = pm.Job(spec=spec, rank=8, resolution=256, text_len=32, weight_dtype="fp32", autocast=False)
+    base = me.Job(spec=spec, rank=8, resolution=256, text_len=32, weight_dtype="fp32", autocast=False)
     jobs = [base, dataclasses.replace(base, weight_dtype="fp8")]
     measured = pm.measure_peak_cpu(jobs, steps=2)
     for job, m in zip(jobs, measured):
-        predicted = pm.estimate(job).peak
+        predicted = me.estimate(job).peak
         assert m > 10 * 2**20, "the job must dominate the measurement noise"
         assert pm.relative_error(predicted, m) < 0.20, (pm.describe(job), predicted / 2**20, m / 2**20)
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dev2pro.errors import ConfigError
 from dev2pro.flux.models import PRESETS, has_guidance_embed, image_ids, pack_latents, random_transformer, text_ids
-from dev2pro.train import training as T
+from dev2pro.train.config import EmaConfig, ModelConfig, MonitorConfig, OutputConfig, TrainConfig
+from dev2pro.train.data_loading import TrainData
+from dev2pro.train.flow_step import forward_flux
+from dev2pro.train.optim import set_lr
 from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def probe_inputs(data: T.TrainData, n: int = 4, seed: int = 99):
+def probe_inputs(data: TrainData, n: int = 4, seed: int = 99):
     items = [data.dataset[i] for i in range(n)]
     lat = torch.stack([it["latents"] for it in items])
     g = torch.Generator().manual_seed(seed)
@@ -27,15 +31,15 @@ def probe_inputs(data: T.TrainData, n: int = 4, seed: int = 99):
 
 def velocity(model, inp, guidance=None, txt=None, pooled=None):
     with torch.no_grad():
-        return T.forward_flux(model, has_guidance_embed(model), inp["x"], inp["t"],
-                              inp["txt"] if txt is None else txt, inp["pooled"] if pooled is None else pooled,
-                              inp["img_ids"], inp["txt_ids"], guidance)
+        return forward_flux(model, has_guidance_embed(model), inp["x"], inp["t"],
+                            inp["txt"] if txt is None else txt, inp["pooled"] if pooled is None else pooled,
+                            inp["img_ids"], inp["txt_ids"], guidance)
 
 
 def train_cfg(steps, **kw):
     base = dict(steps=steps, batch_size=4, lr=2e-3, device="cpu", timestep_sampling="uniform", max_grad_norm=1.0)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def read_log(path):
@@ -54,8 +58,8 @@ def test_train_base_loss_falls_and_writes_bfl_file(tmp_path):
     from dev2pro.train.recipes import train_base
 
     cfg = train_base.TrainBaseConfig(
-        model=T.ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(30, lr=3e-3),
-        output=T.OutputConfig(dir=str(tmp_path / "run"), name="pro", dtype="fp32"),
+        model=ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(30, lr=3e-3),
+        output=OutputConfig(dir=str(tmp_path / "run"), name="pro", dtype="fp32"),
         base=train_base.BaseSection(caption_dropout=0.2))
     final = train_base.run(cfg, data=toy_data(16))
     rows = read_log(tmp_path / "run" / "log.csv")
@@ -117,7 +121,7 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
     with torch.no_grad():  # a teacher whose conditional and unconditional predictions differ clearly
         teacher.time_text_embed.text_embedder.linear_2.weight.mul_(3.0)
         teacher.context_embedder.weight.mul_(3.0)
-    monkeypatch.setattr(T, "load_model", lambda ref, dtype, device: teacher)
+    monkeypatch.setattr(distill, "load_model", lambda ref, dtype, device: teacher)
     data = toy_data(8)
     held = probe_inputs(data)
     e_txt, e_pooled = (x.expand(4, *x.shape) for x in data.prompts[""])
@@ -129,11 +133,12 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
 
     start = distill.student_from_teacher(teacher)
     cfg = distill.DistillRecipeConfig(
-        model=T.ModelConfig(base="teacher"), train=train_cfg(40, lr=5e-4),
-        output=T.OutputConfig(dir=str(tmp_path / "d"), name="student", dtype="fp32"),
+        model=ModelConfig(base="teacher"), train=train_cfg(40, lr=5e-4),
+        output=OutputConfig(dir=str(tmp_path / "d"), name="student", dtype="fp32"),
         distill=distill.DistillSection(w_min=1.0, w_max=5.0))
     saved = {}
-    monkeypatch.setattr(T, "save_model", lambda model, path, output: saved.setdefault("m", model))
+    monkeypatch.setattr("dev2pro.train.distributed.save_model",
+                        lambda model, path, output: saved.setdefault("m", model))
     distill.run(cfg, data=data)
     student = saved["m"]
     before = {w: cfg_error(start, w) for w in (2.3, 4.1)}
@@ -150,12 +155,13 @@ def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teache
 
     teacher = random_transformer(PRESETS["tiny-pro"], seed=1, std=0.1)
     reference = {k: v.clone() for k, v in teacher.state_dict().items()}
-    monkeypatch.setattr(T, "load_model", lambda ref, dtype, device: teacher)
+    monkeypatch.setattr(distill, "load_model", lambda ref, dtype, device: teacher)
     saved = {}
-    monkeypatch.setattr(T, "save_model", lambda model, path, output: saved.setdefault("m", model))
+    monkeypatch.setattr("dev2pro.train.distributed.save_model",
+                        lambda model, path, output: saved.setdefault("m", model))
     cfg = distill.DistillRecipeConfig(
-        model=T.ModelConfig(base="teacher"), train=train_cfg(2, lr=1e-12),
-        output=T.OutputConfig(dir=str(tmp_path / "d"), dtype="fp32"), distill=distill.DistillSection(teacher_fp8=True))
+        model=ModelConfig(base="teacher"), train=train_cfg(2, lr=1e-12),
+        output=OutputConfig(dir=str(tmp_path / "d"), dtype="fp32"), distill=distill.DistillSection(teacher_fp8=True))
     distill.run(cfg, data=toy_data(8))
     assert any(isinstance(m, Fp8Linear) for m in teacher.modules())
     student = saved["m"].state_dict()
@@ -172,18 +178,18 @@ def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch)
     from dev2pro.train.recipes import dedistill
 
     seen = []
-    real = T.forward_flux
+    real = forward_flux
 
     def spy(model, has_guidance, x, t, txt, pooled, img_ids, txt_ids, guidance=None):
         if torch.is_grad_enabled():  # training forwards (the monitor probe runs under no_grad)
             seen.append(guidance)
         return real(model, has_guidance, x, t, txt, pooled, img_ids, txt_ids, guidance)
 
-    monkeypatch.setattr(T, "forward_flux", spy)
+    monkeypatch.setattr("dev2pro.train.flow_step.forward_flux", spy)
     cfg = dedistill.DedistillConfig(
-        model=T.ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(20, lr=3e-3),
-        output=T.OutputConfig(dir=str(tmp_path / "dd"), name="dev2pro", dtype="fp32"),
-        ema=T.EmaConfig(enabled=True, decay=0.5), monitor=T.MonitorConfig(every=10))
+        model=ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(20, lr=3e-3),
+        output=OutputConfig(dir=str(tmp_path / "dd"), name="dev2pro", dtype="fp32"),
+        ema=EmaConfig(enabled=True, decay=0.5), monitor=MonitorConfig(every=10))
     final = dedistill.run(cfg, data=toy_data(16))
     assert len(seen) == 20 and all(g == 1.0 for g in seen)
     losses = [float(r["loss"]) for r in read_log(tmp_path / "dd" / "log.csv")]
@@ -202,12 +208,12 @@ def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, m
 
     def cfg(out):
         return dedistill.DedistillConfig(
-            model=T.ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(4, grad_accum=2, lr_schedule="cosine"),
-            output=T.OutputConfig(dir=str(out), dtype="fp32", save_every=2),
-            ema=T.EmaConfig(enabled=True, decay=0.7))
+            model=ModelConfig(base="preset:tiny-dev@0"), train=train_cfg(4, grad_accum=2, lr_schedule="cosine"),
+            output=OutputConfig(dir=str(out), dtype="fp32", save_every=2),
+            ema=EmaConfig(enabled=True, decay=0.7))
 
     full = dedistill.run(cfg(tmp_path / "a"), data=toy_data(16))
-    real, calls = T.set_lr, {"n": 0}
+    real, calls = set_lr, {"n": 0}
 
     def crash_at_step_4(*a, **k):
         calls["n"] += 1
@@ -215,10 +221,10 @@ def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "set_lr", crash_at_step_4)
+    monkeypatch.setattr(dedistill, "set_lr", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         dedistill.run(cfg(tmp_path / "b"), data=toy_data(16))
-    monkeypatch.setattr(T, "set_lr", real)
+    monkeypatch.setattr(dedistill, "set_lr", real)
     resumed = dedistill.run(cfg(tmp_path / "b"), resume=True, data=toy_data(16))
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -228,9 +234,9 @@ def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, m
 def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
     from dev2pro.train.recipes import dedistill
 
-    cfg = dedistill.DedistillConfig(model=T.ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(2),
-                                    output=T.OutputConfig(dir=str(tmp_path / "x")))
-    with pytest.raises(T.ConfigError, match="no guidance embedding"):
+    cfg = dedistill.DedistillConfig(model=ModelConfig(base="preset:tiny-pro@0"), train=train_cfg(2),
+                                    output=OutputConfig(dir=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match="no guidance embedding"):
         dedistill.run(cfg, data=toy_data(8))
 
 

@@ -114,9 +114,10 @@ def test_sample_help_has_examples():
 
 def test_sample_with_real_component_loaders_and_fp8_base(tmp_path, capsys, ae_files, text_folders):  # noqa: F811
     """The real-Flux path at tiny size: BFL ae.safetensors, a pipeline folder for T5 + CLIP, an fp8 BFL base."""
+    from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.checkpoint import load_transformer, save_transformer
-    from dev2pro.flux.components import load_autoencoder, load_text_encoder
     from dev2pro.flux.models import FluxSpec
+    from dev2pro.flux.text_encoders import load_text_encoder
 
     root, _ = text_folders
     spec = FluxSpec(in_channels=64, vec_in_dim=24, context_in_dim=32, hidden_size=32, num_heads=2, depth=1,

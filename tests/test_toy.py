@@ -106,7 +106,8 @@ def test_text_encoder_determinism_word_order_and_empty_prompt():
 
 
 def test_components_build_the_toy_world_defaults():
-    from dev2pro.flux.components import load_autoencoder, load_text_encoder
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.text_encoders import load_text_encoder
 
     ae, te = load_autoencoder("toy"), load_text_encoder("toy", "toy")
     assert ae.identity == world.ToyAutoencoder().identity and te.identity == world.ToyTextEncoder().identity

@@ -12,7 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dev2pro.train import training as T
+from dev2pro.errors import ConfigError, UserError
+from dev2pro.train.checkpointing import latest_checkpoint, list_checkpoints
+from dev2pro.train.config import LoraConfig, LoraOutputConfig, ModelConfig, TrainConfig
+from dev2pro.train.optim import grad_norm_and_clip
 from dev2pro.train.recipes import train_lora as R
 from helpers import toy_data
 
@@ -24,8 +27,8 @@ def config(out: Path, steps: int, **sections) -> R.TrainLoraConfig:
     train = dict(steps=steps, batch_size=4, lr=5e-3, device="cpu", seed=0)
     train.update(sections.pop("train", {}))
     cfg = R.TrainLoraConfig(
-        model=T.ModelConfig(base="preset:tiny-dev@0", dtype="fp32"), train=T.TrainConfig(**train),
-        output=T.LoraOutputConfig(dir=str(out), name="lora"), lora=T.LoraConfig(rank=4, alpha=4.0))
+        model=ModelConfig(base="preset:tiny-dev@0", dtype="fp32"), train=TrainConfig(**train),
+        output=LoraOutputConfig(dir=str(out), name="lora"), lora=LoraConfig(rank=4, alpha=4.0))
     return dataclasses.replace(cfg, **sections)
 
 
@@ -53,7 +56,7 @@ def test_overfit_fixed_batch(tmp_path, trained_like_base):
     # 4 items and batch 4: every step sees the same batch (new noise and t each step)
     cfg = config(out, 50, train=dict(lr=1e-2, timestep_sampling="uniform"))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base=str(trained_like_base)),
-                              lora=T.LoraConfig(rank=8, alpha=8.0, targets="all-linear"))
+                              lora=LoraConfig(rank=8, alpha=8.0, targets="all-linear"))
     path = R.run(cfg, data=toy_data(4))
     ls = losses(out)
     first, last = sum(ls[:5]) / 5, sum(ls[-5:]) / 5
@@ -70,14 +73,14 @@ def test_overfit_fixed_batch(tmp_path, trained_like_base):
 
 def test_resume_is_bit_identical(tmp_path, monkeypatch):
     steps, data = 6, toy_data(8)
-    kw = dict(output=T.LoraOutputConfig(dir="", name="lora", save_every=3, keep_last=1),
+    kw = dict(output=LoraOutputConfig(dir="", name="lora", save_every=3, keep_last=1),
               train=dict(lr_schedule="cosine", warmup_steps=2))
     full = R.run(dataclasses.replace(config(tmp_path / "a", steps, **kw),
-                                     output=T.LoraOutputConfig(dir=str(tmp_path / "a"), name="lora", save_every=3)),
+                                     output=LoraOutputConfig(dir=str(tmp_path / "a"), name="lora", save_every=3)),
                  data=data)
     cfg_b = dataclasses.replace(config(tmp_path / "b", steps, **kw),
-                                output=T.LoraOutputConfig(dir=str(tmp_path / "b"), name="lora", save_every=3))
-    real = T.grad_norm_and_clip
+                                output=LoraOutputConfig(dir=str(tmp_path / "b"), name="lora", save_every=3))
+    real = grad_norm_and_clip
     calls = {"n": 0}
 
     def crash_at_step_5(*a, **k):
@@ -86,12 +89,12 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "grad_norm_and_clip", crash_at_step_5)
+    monkeypatch.setattr("dev2pro.train.optim.grad_norm_and_clip", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         R.run(cfg_b, data=toy_data(8))
-    assert [s for s, _ in T.list_checkpoints(tmp_path / "b")] == [3]
-    monkeypatch.setattr(T, "grad_norm_and_clip", real)
-    with pytest.raises(T.UserError, match="--resume"):
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3]
+    monkeypatch.setattr("dev2pro.train.optim.grad_norm_and_clip", real)
+    with pytest.raises(UserError, match="--resume"):
         R.run(cfg_b, data=toy_data(8))
     resumed = R.run(cfg_b, resume=True, data=toy_data(8))
     a, b = load_file(str(full)), load_file(str(resumed))
@@ -153,7 +156,7 @@ def test_tiny_cpu_config_runs_as_is(tmp_path):
     with safe_open(str(out / "tiny-lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["dev2pro.dataset_size"] == "16" and meta["dev2pro.training_guidance"] == "1.0"
-    assert [s for s, _ in T.list_checkpoints(out)] == [10, 20]
+    assert [s for s, _ in list_checkpoints(out)] == [10, 20]
     assert (out / "samples" / "step-000020.png").is_file()
     assert (out / "monitor.csv").read_text().count("\n") >= 4
     assert list((out / "tb").iterdir())
@@ -198,13 +201,13 @@ def test_lora_on_an_fp8_base_with_bf16_autocast(tmp_path):
     save_transformer(random_transformer(PRESETS["tiny-dev"], seed=0, std=0.2), base, format="bfl",
                      dtype="fp8_e4m3fn", scaling="tensor")
     cfg = config(tmp_path / "o", 3, train=dict(mixed_precision="bf16"))
-    cfg = dataclasses.replace(cfg, model=T.ModelConfig(base=str(base), dtype="auto"))
+    cfg = dataclasses.replace(cfg, model=ModelConfig(base=str(base), dtype="auto"))
     lora = load_file(str(R.run(cfg, data=toy_data(8))))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in lora.items())
-    with pytest.raises(T.ConfigError, match="mixed_precision"):
-        R.run(dataclasses.replace(cfg, train=T.TrainConfig(steps=1, device="cpu"),
-                                  output=T.LoraOutputConfig(dir=str(tmp_path / "p"))), data=toy_data(8))
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        R.run(dataclasses.replace(cfg, train=TrainConfig(steps=1, device="cpu"),
+                                  output=LoraOutputConfig(dir=str(tmp_path / "p"))), data=toy_data(8))
 
 
 def test_diffusers_loader_reproduces_the_trained_model(tmp_path, trained_like_base):
@@ -214,9 +217,9 @@ def test_diffusers_loader_reproduces_the_trained_model(tmp_path, trained_like_ba
     from dev2pro.flux.models import image_ids, pack_latents, predict, text_ids
     from dev2pro.lora.inject import add_lora
 
-    cfg = config(tmp_path / "o", 3, lora=T.LoraConfig(rank=4, alpha=4.0, targets="all-linear"))
-    cfg = dataclasses.replace(cfg, output=T.LoraOutputConfig(dir=str(tmp_path / "o"), format="diffusers",
-                                                             save_every=3),
+    cfg = config(tmp_path / "o", 3, lora=LoraConfig(rank=4, alpha=4.0, targets="all-linear"))
+    cfg = dataclasses.replace(cfg, output=LoraOutputConfig(dir=str(tmp_path / "o"), format="diffusers",
+                                                           save_every=3),
                               model=dataclasses.replace(cfg.model, base=str(trained_like_base)))
     data = toy_data(8)
     path = R.run(cfg, data=data)
@@ -254,4 +257,4 @@ def test_train_lora_streams_a_shard_folder_and_resumes(tmp_path, capsys):
     state = json.loads((tmp_path / "o" / "checkpoint-4" / "sampler-0.json").read_text())
     assert state["batch_size"] == 2 and {"epoch", "shard_pos", "batch_pos"} <= set(state)
     assert main([*args[:-2], "train.steps=6", "train.batch_size=2", "--resume"]) == 0
-    assert T.latest_checkpoint(tmp_path / "o").name == "checkpoint-6"
+    assert latest_checkpoint(tmp_path / "o").name == "checkpoint-6"

@@ -13,7 +13,20 @@ import pytest
 import torch
 
 from dev2pro.errors import UserError
-from dev2pro.train import training as T
+from dev2pro.train.checkpointing import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dev2pro.train.config import LoraConfig, LoraOutputConfig, ModelConfig, MonitorConfig, OutputConfig, TrainConfig
+from dev2pro.train.distributed import load_model
+from dev2pro.train.ema import Ema
+from dev2pro.train.flow_step import flow_batch
+from dev2pro.train.optim import NonFiniteLoss, lr_factor, set_lr
+from dev2pro.train.run_logs import RunLog, prepare_output_dir
 from helpers import toy_data
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -24,15 +37,15 @@ def fake_acc(world: int, rank: int):
 
 
 def test_lr_factor_warmup_then_cosine_closed_form():
-    cfg = T.TrainConfig(steps=110, lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
-    assert [T.lr_factor(s, cfg) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(s, cfg) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     for s in (10, 35, 60, 109, 110):
         p = (s - 10) / 100
-        assert T.lr_factor(s, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        assert lr_factor(s, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
     const = dataclasses.replace(cfg, lr_schedule="constant")
-    assert T.lr_factor(50, const) == 1.0
+    assert lr_factor(50, const) == 1.0
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    assert T.set_lr(opt, 4, dataclasses.replace(cfg, lr=2e-4)) == pytest.approx(1e-4)
+    assert set_lr(opt, 4, dataclasses.replace(cfg, lr=2e-4)) == pytest.approx(1e-4)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
@@ -40,10 +53,10 @@ def test_flow_batch_global_draw_slices_match_the_full_batch():
     """2 ranks x b see exactly the noise and times of 1 rank x 2b."""
     lat = torch.randn(4, 12, 8, 8)
     txt, pooled = torch.randn(4, 16, 64), torch.randn(4, 32)
-    cfg = T.TrainConfig(steps=1, timestep_sampling="logit_normal")
-    full = T.flow_batch(lat, txt, pooled, cfg, torch.Generator().manual_seed(3), fake_acc(1, 0), "cpu")
-    parts = [T.flow_batch(lat[r * 2:(r + 1) * 2], txt[r * 2:(r + 1) * 2], pooled[r * 2:(r + 1) * 2], cfg,
-                          torch.Generator().manual_seed(3), fake_acc(2, r), "cpu") for r in range(2)]
+    cfg = TrainConfig(steps=1, timestep_sampling="logit_normal")
+    full = flow_batch(lat, txt, pooled, cfg, torch.Generator().manual_seed(3), fake_acc(1, 0), "cpu")
+    parts = [flow_batch(lat[r * 2:(r + 1) * 2], txt[r * 2:(r + 1) * 2], pooled[r * 2:(r + 1) * 2], cfg,
+                        torch.Generator().manual_seed(3), fake_acc(2, r), "cpu") for r in range(2)]
     for field in ("noise", "t", "x_t", "target"):
         assert torch.equal(torch.cat([getattr(p, field) for p in parts]), getattr(full, field)), field
     # the convention of flow.py: x_t = (1 - t) x0 + t eps, v = eps - x0
@@ -67,8 +80,8 @@ def test_checkpoints_are_atomic_keep_last_and_survive_a_full_disk(tmp_path, monk
     acc, model, opt = _tiny_run(tmp_path)
     gen = torch.Generator().manual_seed(0)
     for step in (1, 2, 3):
-        T.save_checkpoint(tmp_path, step, acc, model, opt, generator=gen, config_toml="x = 1\n", keep_last=2)
-    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [2, 3]
+        save_checkpoint(tmp_path, step, acc, model, opt, generator=gen, config_toml="x = 1\n", keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     import safetensors.torch as st
@@ -84,18 +97,18 @@ def test_checkpoints_are_atomic_keep_last_and_survive_a_full_disk(tmp_path, monk
 
     monkeypatch.setattr(st, "save_file", full_disk)
     with pytest.raises(UserError) as e:
-        T.save_checkpoint(tmp_path, 4, acc, model, opt, generator=gen, keep_last=2)
+        save_checkpoint(tmp_path, 4, acc, model, opt, generator=gen, keep_last=2)
     msg = str(e.value)
     assert "\n" not in msg and "No space left" in msg and "checkpoint-3 is intact" in msg
     monkeypatch.setattr(st, "save_file", real)
-    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [2, 3]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     # a half-written folder without state.json is never taken for a checkpoint
     (tmp_path / "checkpoint-9").mkdir()
-    assert T.latest_checkpoint(tmp_path).name == "checkpoint-3"
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
     with torch.no_grad():
         model.weight.add_(1.0)
-    resumed = T.load_checkpoint(tmp_path / "checkpoint-3", acc, model, opt, generator=gen)
+    resumed = load_checkpoint(tmp_path / "checkpoint-3", acc, model, opt, generator=gen)
     assert resumed.step == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -108,10 +121,10 @@ def test_rng_states_round_trip():
 
     gen = torch.Generator().manual_seed(1)
     torch.rand(3, generator=gen)
-    tensors, meta = T.rng_state(gen)
+    tensors, meta = rng_state(gen)
     expect = (torch.rand(2, generator=gen), torch.rand(2), np.random.rand(2), random.random())
     g2 = torch.Generator().manual_seed(99)
-    T.set_rng_state(tensors, meta, g2)
+    set_rng_state(tensors, meta, g2)
     got = (torch.rand(2, generator=g2), torch.rand(2), np.random.rand(2), random.random())
     assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
     assert np.array_equal(got[2], expect[2]) and got[3] == expect[3]
@@ -121,7 +134,7 @@ def test_output_dir_not_writable_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match="output.dir .* is not writable") as e:
-        T.prepare_output_dir(blocker / "run")
+        prepare_output_dir(blocker / "run")
     assert "\n" not in str(e.value)
 
 
@@ -139,19 +152,19 @@ def test_nan_loss_stops_naming_the_step_and_last_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(flow, "flow_loss", poisoned)
     cfg = train_base.TrainBaseConfig(
-        model=T.ModelConfig(base="preset:tiny-pro@0"),
-        train=T.TrainConfig(steps=5, batch_size=4, device="cpu"),
-        output=T.OutputConfig(dir=str(tmp_path), save_every=2))
-    with pytest.raises(T.NonFiniteLoss, match=r"loss became nan at step 3 .*; last good checkpoint: .*checkpoint-2"):
+        model=ModelConfig(base="preset:tiny-pro@0"),
+        train=TrainConfig(steps=5, batch_size=4, device="cpu"),
+        output=OutputConfig(dir=str(tmp_path), save_every=2))
+    with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 3 .*; last good checkpoint: .*checkpoint-2"):
         train_base.run(cfg, data=toy_data(8))
-    assert T.latest_checkpoint(tmp_path).name == "checkpoint-2"
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
 
 
 def test_run_log_csv_drops_rows_after_the_resumed_step(tmp_path):
-    log = T.RunLog(tmp_path, True, tensorboard=False)
+    log = RunLog(tmp_path, True, tensorboard=False)
     for s in range(1, 6):
         log.log(s, {"loss": float(s)})
-    log = T.RunLog(tmp_path, True, resume_step=3, tensorboard=False)
+    log = RunLog(tmp_path, True, resume_step=3, tensorboard=False)
     log.log(4, {"loss": 40.0})
     log.log(5, {"loss": 50.0, "loss/t2": 7.0})  # a new column: earlier rows get empty cells
     log.log(6, {"loss/t2": 8.0})
@@ -163,7 +176,7 @@ def test_run_log_csv_drops_rows_after_the_resumed_step(tmp_path):
 
 def test_ema_matches_the_recurrence():
     p = {"w": torch.zeros(3)}
-    ema = T.Ema({"w": torch.nn.Parameter(torch.zeros(3))}, decay=0.9)
+    ema = Ema({"w": torch.nn.Parameter(torch.zeros(3))}, decay=0.9)
     ref = torch.zeros(3)
     for k in range(1, 6):
         p["w"] = torch.full((3,), float(k))
@@ -174,7 +187,7 @@ def test_ema_matches_the_recurrence():
     with torch.no_grad():
         ema.copy_to(target)
     torch.testing.assert_close(target["w"].detach(), ref)
-    ema2 = T.Ema({"w": torch.nn.Parameter(torch.zeros(3))}, decay=0.9)
+    ema2 = Ema({"w": torch.nn.Parameter(torch.zeros(3))}, decay=0.9)
     ema2.load(ema.state())
     assert torch.equal(ema2.shadow["w"], ema.shadow["w"])
 
@@ -197,10 +210,10 @@ def _lora_monitor_run(tmp_path, base: str, g: float, steps: int = 10, every: int
 
     out = tmp_path / f"g{g}"
     cfg = R.TrainLoraConfig(
-        model=T.ModelConfig(base=base, dtype="fp32"),
-        train=T.TrainConfig(steps=steps, guidance=g, batch_size=4, lr=3e-2, device="cpu", seed=0),
-        output=T.LoraOutputConfig(dir=str(out)), lora=T.LoraConfig(rank=8, alpha=8.0, targets="all-linear"),
-        monitor=T.MonitorConfig(every=every))
+        model=ModelConfig(base=base, dtype="fp32"),
+        train=TrainConfig(steps=steps, guidance=g, batch_size=4, lr=3e-2, device="cpu", seed=0),
+        output=LoraOutputConfig(dir=str(out)), lora=LoraConfig(rank=8, alpha=8.0, targets="all-linear"),
+        monitor=MonitorConfig(every=every))
     R.run(cfg, data=toy_data(8))
     with open(out / "monitor.csv") as f:
         return list(csv.DictReader(f))
@@ -243,9 +256,9 @@ def test_monitor_lora_guidance_response_on_toy_dev(tmp_path):
 def test_load_model_dtypes():
     from dev2pro.flux.fp8 import Fp8Linear
 
-    m = T.load_model("preset:tiny-dev@0", "fp8", "cpu")
+    m = load_model("preset:tiny-dev@0", "fp8", "cpu")
     fp8 = [mod for mod in m.modules() if isinstance(mod, Fp8Linear)]
     assert fp8 and all(mod.weight.dtype == torch.float8_e4m3fn for mod in fp8)
     assert m.x_embedder.weight.dtype == torch.bfloat16  # embedders stay high precision
-    assert T.load_model("preset:tiny-dev@0", "bf16", "cpu").x_embedder.weight.dtype == torch.bfloat16
-    assert T.load_model("preset:tiny-dev@0", "auto", "cpu").x_embedder.weight.dtype == torch.float32
+    assert load_model("preset:tiny-dev@0", "bf16", "cpu").x_embedder.weight.dtype == torch.bfloat16
+    assert load_model("preset:tiny-dev@0", "auto", "cpu").x_embedder.weight.dtype == torch.float32

@@ -45,7 +45,8 @@ def main(args) -> int:
 
     from dev2pro.data.folders import DataConfig, scan_dataset
     from dev2pro.data.shards import write_shards
-    from dev2pro.flux import components
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.text_encoders import load_text_encoder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -58,10 +59,10 @@ def main(args) -> int:
         upscale=args.upscale,
     )
     cfg.validate()
-    ae = components.load_autoencoder(args.ae, device=device, dtype=dtype)
+    ae = load_autoencoder(args.ae, device=device, dtype=dtype)
     index = scan_dataset(cfg, 2 * ae.downsample, progress=not args.quiet)
     print(index.report.summary())
-    text = components.load_text_encoder(args.t5, args.clip, device=device, dtype=dtype, max_length=args.max_length)
+    text = load_text_encoder(args.t5, args.clip, device=device, dtype=dtype, max_length=args.max_length)
     info = write_shards(
         index, ae, text, args.out, shard_size=args.shard_size, device=device, dtype=dtype,
         batch_size=args.batch_size, progress=not args.quiet,

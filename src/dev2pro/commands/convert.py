@@ -1,6 +1,6 @@
 """`dev2pro convert`: rewrite a Flux transformer checkpoint in another layout, dtype or fp8 scaling, streaming.
 
-The work is `dev2pro.flux.checkpoint.convert_checkpoint` (one tensor group in memory at a time); this module adds the
+The work is `dev2pro.flux.convert.convert_checkpoint` (one tensor group in memory at a time); this module adds the
 arguments, the model-output check and the printed summary. The output check loads the source and the result one after
 the other in fp32 and compares their outputs on a fixed input; it runs automatically when one fp32 copy of the model
 fits in a quarter of the available RAM and the model has at most 3B parameters (so the 12B models are skipped on
@@ -83,13 +83,13 @@ def output_check_decision(num_params: int, mode: str) -> tuple[bool, str]:
 
 
 def main(args) -> int:
-    from dev2pro.flux import checkpoint
+    from dev2pro.flux import convert, output_check
 
-    summary = checkpoint.convert_checkpoint(args.input, args.output, format=args.format, dtype=args.dtype,
-                                            scaling=args.scaling, progress=True)
+    summary = convert.convert_checkpoint(args.input, args.output, format=args.format, dtype=args.dtype,
+                                         scaling=args.scaling, progress=True)
     run, note = output_check_decision(summary.spec.num_params(), args.output_check)
     if run:
-        summary.output_rel_err = checkpoint.model_output_error(args.input, args.output)
+        summary.output_rel_err = output_check.model_output_error(args.input, args.output)
         summary.output_note = "fp32 compute, 1 image of 8x8 latent, t=0.6"
     else:
         summary.output_note = note

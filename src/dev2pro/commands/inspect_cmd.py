@@ -1,8 +1,8 @@
 """`dev2pro inspect`: what a checkpoint is, read from its header (and config.json) only: nothing is allocated, so a
 24 GB file is inspected in a fraction of a second.
 
-Transformer checkpoints go through `dev2pro.flux.checkpoint.describe_checkpoint`; LoRA files are handed to
-`dev2pro.lora.files.describe_lora` (a short generic description is printed if that module is unavailable).
+Transformer checkpoints go through `dev2pro.flux.describe.describe_checkpoint`; LoRA files are handed to
+`dev2pro.lora.describe.describe_lora` (a short generic description is printed if that module is unavailable).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def add_arguments(parser) -> None:
 
 
 def describe_lora_fallback(path) -> str:
-    """Used when dev2pro.lora.files is unavailable: tensor count, a few keys, metadata."""
-    from dev2pro.flux.checkpoint import read_header
+    """Used when dev2pro.lora.describe is unavailable: tensor count, a few keys, metadata."""
+    from dev2pro.flux.safetensors_io import read_header
 
     h = read_header(path)
     keys = sorted(h.tensors)
@@ -56,17 +56,18 @@ def describe_lora_fallback(path) -> str:
 
 
 def describe(path) -> str:
-    from dev2pro.flux import checkpoint
+    from dev2pro.flux.describe import describe_checkpoint
+    from dev2pro.flux.sources import detect_format, resolve_ref
 
-    path = checkpoint.resolve_ref(path)  # also toy:NAME
-    fmt = checkpoint.detect_format(path)
+    path = resolve_ref(path)  # also toy:NAME
+    fmt = detect_format(path)
     if fmt == "lora":
         try:
-            from dev2pro.lora.files import describe_lora
+            from dev2pro.lora.describe import describe_lora
         except ImportError:
             describe_lora = describe_lora_fallback
         return describe_lora(path)
-    info = checkpoint.describe_checkpoint(path)
+    info = describe_checkpoint(path)
     s = info.spec
     dims = (f"hidden {s.hidden_size}, {s.num_heads} heads of {s.head_dim}, {s.depth} double + "
             f"{s.depth_single_blocks} single blocks, in {s.in_channels}, T5 {s.context_in_dim}, CLIP {s.vec_in_dim}, "

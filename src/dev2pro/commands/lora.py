@@ -99,10 +99,11 @@ def _check_out(path, inputs) -> None:
 def main(args) -> int:
     from dev2pro.lora import files as lora_files
     from dev2pro.lora import ops as lora_ops
+    from dev2pro.lora.describe import describe_lora
 
     cmd = args.lora_command
     if cmd == "inspect":
-        print(lora_files.describe_lora(args.file))
+        print(describe_lora(args.file))
         return 0
     if cmd == "convert":
         _check_out(args.output, [args.input])

@@ -10,8 +10,8 @@ Estimate the peak GPU memory of a train-lora or dedistill job on Flux from its c
 overrides as the trainers) or from flags, with a breakdown: base weights by dtype (fp8 keeps norms, biases,
 embedders and the final layer in bf16), LoRA parameters, gradients and AdamW state, activations with or without
 gradient checkpointing, block swap, and encoders when latents are not cached. Then list the settings (bf16/fp8 base,
-checkpointing, block swap) that fit 12, 16, 24 and 80 GB cards. The formulas are in dev2pro/train/plan_memory.py and are
-validated against measured peaks on a CPU (tests/test_plan_memory.py, docs/benchmarks.md).
+checkpointing, block swap) that fit 12, 16, 24 and 80 GB cards. The formulas are in dev2pro/train/memory_estimate.py
+and are validated against measured peaks on a CPU (tests/test_plan_memory.py, docs/benchmarks.md).
 
 examples:
   dev2pro plan-memory configs/lora-24gb.toml

@@ -112,8 +112,10 @@ def main(args) -> int:
 
     from dev2pro.errors import UserError
     from dev2pro.flux import sampling
+    from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.checkpoint import load_transformer
-    from dev2pro.flux.components import free, load_autoencoder, load_text_encoder
+    from dev2pro.flux.encoders import free
+    from dev2pro.flux.text_encoders import load_text_encoder
     from dev2pro.lora.apply import apply_loras, parse_lora_arg
 
     prompts = read_prompts(args)

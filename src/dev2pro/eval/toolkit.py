@@ -31,7 +31,7 @@ def idle_cpu_threads() -> int:
 
 
 def read_lora(path: Path):
-    """`LoraWeights` from a LoRA file (any format `lora_files.load_lora` reads) or a train-lora checkpoint folder
+    """`LoraWeights` from a LoRA file (any format `lora.files.load_lora` reads) or a train-lora checkpoint folder
     (its trainable peft state, with `lora.alpha` from the checkpoint's config.toml)."""
     from dev2pro.lora.files import load_lora
 
@@ -66,8 +66,9 @@ class Toolkit(Protocol):
 
 
 class FluxToolkit:
-    """The project's own components: `checkpoint.load_transformer`, `components.load_autoencoder/load_text_encoder`,
-    `sampling.generate`, `lora_files.load_lora`, `lora.merge_lora_into_model`, `toy.judge.Judge`."""
+    """The project's own components: `checkpoint.load_transformer`, `autoencoder.load_autoencoder`,
+    `text_encoders.load_text_encoder`, `sampling.generate`, `lora.files.load_lora`,
+    `lora.inject.merge_lora_into_model`, `toy.judge.Judge`."""
 
     def __init__(self, models: ModelsSection, judge: Judge | None = None):
         import torch
@@ -80,7 +81,8 @@ class FluxToolkit:
 
     def encoders(self):
         if self._encoders is None:
-            from dev2pro.flux.components import load_autoencoder, load_text_encoder
+            from dev2pro.flux.autoencoder import load_autoencoder
+            from dev2pro.flux.text_encoders import load_text_encoder
 
             m = self.models
             ae = load_autoencoder(m.autoencoder, device=self.device, dtype=self.dtype)

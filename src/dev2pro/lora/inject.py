@@ -2,7 +2,7 @@
 
 What: `add_lora` wraps the chosen `nn.Linear`s of a diffusers `FluxTransformer2DModel` with peft LoRA layers (trainable,
 fp32) and freezes everything else; `lora_state_dict` reads the adapter back as `LoraWeights`, the one in-memory form
-every file format converts to and from (`dev2pro.lora.files`); `merge_lora_into_model` / `unmerge_lora_from_model`
+every file format converts to and from (`dev2pro.lora.formats`); `merge_lora_into_model` / `unmerge_lora_from_model`
 bake a LoRA into the base weights (`W += strength * alpha / r * B @ A`); `apply_lora` attaches a LoRA unmerged, so its
 strength can change without touching the base.
 

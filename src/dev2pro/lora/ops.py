@@ -2,7 +2,7 @@
 difference of two models, resize a LoRA's rank.
 
 - `merge_into_checkpoint(base, out, [(lora, strength), ...])`: `W += sum strength * alpha / r * B @ A`, computed in
-  fp32 while the base is copied tensor group by tensor group (`dev2pro.flux.checkpoint`'s streaming writer). An fp8 base
+  fp32 while the base is copied tensor group by tensor group (`dev2pro.flux.convert`'s streaming exporter). An fp8 base
   is dequantized, merged and re-quantized with the chosen scaling (default: the base's own); other dtypes as given.
 - `extract_lora(a, b, out, rank=R | energy=0.9)`: per Linear weight, the best rank-r approximation of `B - A`
   (Eckart-Young) by randomized SVD (`torch.svd_lowrank`, Halko et al. 2011, a few power iterations); `energy` picks
@@ -31,14 +31,9 @@ from pathlib import Path
 import torch
 
 from dev2pro.errors import CheckpointError, UserError
-from dev2pro.flux import checkpoint, keymap
-from dev2pro.lora.files import (
-    FORMATS,
-    bfl_lora_to_layers,
-    layers_to_bfl,
-    load_lora,
-    save_lora,
-)
+from dev2pro.flux import convert, describe, keymap, sources
+from dev2pro.lora.files import load_lora, save_lora
+from dev2pro.lora.formats import FORMATS, bfl_lora_to_layers, layers_to_bfl
 from dev2pro.lora.inject import TARGET_PRESETS, LoraLayer, LoraWeights
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -151,8 +146,8 @@ class _KeyedReader:
     once and their other outputs kept until asked for (streams in the other file's order stay cheap)."""
 
     def __init__(self, ref, space: str):
-        self.src = checkpoint._open_source(checkpoint.resolve_ref(ref))
-        self.spec = checkpoint._spec_of(self.src)
+        self.src = sources.open_source(sources.resolve_ref(ref))
+        self.spec = describe.spec_of(self.src)
         keys = self.src.weight_keys()
         if self.src.space == space:
             self.plan = [keymap.Group((k,), (k,), "rename") for k in keys]
@@ -425,12 +420,12 @@ def merge_into_checkpoint(base_path, out_path, loras, *, format: str | None = No
     t0 = time.perf_counter()
     if not loras:
         raise UserError("give at least one LoRA to merge")
-    src = checkpoint._open_source(checkpoint.resolve_ref(base_path))
+    src = sources.open_source(sources.resolve_ref(base_path))
     try:
-        spec = checkpoint._spec_of(src)
+        spec = describe.spec_of(src)
         fmt = format or ("diffusers" if src.space == "diffusers" else "bfl")
         out_path = Path(out_path)
-        checkpoint._check_dst(out_path, fmt, src.path)
+        convert.check_dst(out_path, fmt, src.path)
         deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
         report = []
         for item, strength in loras:
@@ -461,11 +456,11 @@ def merge_into_checkpoint(base_path, out_path, loras, *, format: str | None = No
             return w
 
         src.read = read_merged  # the streaming exporter reads through this (instance attribute, this source only)
-        stats, _ = checkpoint._export(src, out_path, format=fmt, dtype=dtype, scaling=scaling,
-                                      metadata={**(metadata or {}),
-                                                "dev2pro.merged_loras": ", ".join(f"{Path(n).name}:{s:g}"
-                                                                                  for n, s, _ in report)},
-                                      max_shard_bytes=checkpoint.MAX_SHARD_BYTES, progress=progress, spec=spec)
+        stats, _ = convert.export(src, out_path, format=fmt, dtype=dtype, scaling=scaling,
+                                  metadata={**(metadata or {}),
+                                            "dev2pro.merged_loras": ", ".join(f"{Path(n).name}:{s:g}"
+                                                                              for n, s, _ in report)},
+                                  max_shard_bytes=convert.MAX_SHARD_BYTES, progress=progress, spec=spec)
     finally:
         src.close()
     lines = ["relative RMS storage error (stored vs merged fp32 weights), per tensor type:"]

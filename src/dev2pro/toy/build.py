@@ -54,7 +54,7 @@ class BuildSettings:
 
 
 def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
-    from dev2pro.train.training import TrainConfig
+    from dev2pro.train.config import TrainConfig
 
     return TrainConfig(steps=steps, seed=s.seed, batch_size=batch, lr=lr, betas=(0.9, 0.99), warmup_steps=100,
                        lr_schedule="cosine", min_lr_ratio=0.1, timestep_sampling=s.timestep_sampling, shift=s.shift,
@@ -69,8 +69,8 @@ def _data_config(data_dir: Path):
 
 def pro_config(s: BuildSettings, work: Path):
     """The train-base config of the toy teacher (also written to <work>/pro/toy-pro.toml by the recipe)."""
+    from dev2pro.train.config import ModelConfig, OutputConfig
     from dev2pro.train.recipes.train_base import BaseSection, TrainBaseConfig
-    from dev2pro.train.training import ModelConfig, OutputConfig
 
     return TrainBaseConfig(
         model=ModelConfig(base=f"preset:toy-pro@{s.seed}", t5="toy", clip="toy", autoencoder="toy"),
@@ -83,8 +83,8 @@ def pro_config(s: BuildSettings, work: Path):
 
 def dev_config(s: BuildSettings, work: Path, teacher: Path):
     """The distill config of the toy student."""
+    from dev2pro.train.config import ModelConfig, OutputConfig
     from dev2pro.train.recipes.distill import DistillRecipeConfig, DistillSection
-    from dev2pro.train.training import ModelConfig, OutputConfig
 
     return DistillRecipeConfig(
         model=ModelConfig(base=str(teacher), t5="toy", clip="toy", autoencoder="toy"),

@@ -10,8 +10,9 @@ item.
 Why: real Flux weights cannot be downloaded here, yet the recipes must run unchanged. `ToyAutoencoder` (exact
 pixel-unshuffle with a fixed affine normalisation, nothing learned) and `ToyTextEncoder` (fixed word embeddings plus
 a position code; a pooled summary) expose the interfaces of the Flux VAE and the T5/CLIP pair, so recipe code has no
-toy-only branches. `dev2pro.flux.components.load_autoencoder("toy")` / `load_text_encoder("toy", "toy")` build them with
-default arguments: the defaults below ARE the toy world's settings (changing them invalidates the shipped models).
+toy-only branches. `dev2pro.flux.autoencoder.load_autoencoder("toy")` /
+`dev2pro.flux.text_encoders.load_text_encoder("toy", "toy")` build them with default arguments: the defaults below ARE
+the toy world's settings (changing them invalidates the shipped models).
 
 Pitfalls: text tokens get no RoPE position in Flux (txt ids are zero), so the text encoder itself must encode word
 order, or "red circle on a blue background" and "blue circle on a red background" would look the same; a position

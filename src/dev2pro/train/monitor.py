@@ -49,7 +49,7 @@ class GuidanceProbe:
 
     @classmethod
     def build(cls, model, data, cfg, device) -> GuidanceProbe:
-        """Fix the probe inputs from `data` (a `training.TrainData`) and record the starting model's outputs."""
+        """Fix the probe inputs from `data` (a `data_loading.TrainData`) and record the starting model's outputs."""
         from dev2pro.flux.models import has_guidance_embed, image_ids, pack_latents, text_ids
 
         ds = data.dataset
@@ -90,7 +90,8 @@ class GuidanceProbe:
     @torch.no_grad()
     def outputs(self, model) -> dict[str, torch.Tensor]:
         """Predictions on the probe at every guidance value the metrics need (float32, CPU)."""
-        from dev2pro.train.training import forward_flux, unwrap
+        from dev2pro.train.distributed import unwrap
+        from dev2pro.train.flow_step import forward_flux
 
         net = unwrap(model)
         was_training = net.training

@@ -24,33 +24,55 @@ import torch
 from dev2pro.config import dump_toml
 from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
-from dev2pro.train import training as T
+from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
+from dev2pro.train.config import (
+    DistributedConfig,
+    EmaConfig,
+    ModelConfig,
+    MonitorConfig,
+    OutputConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
+from dev2pro.train.distributed import (
+    distribute,
+    load_model,
+    require_fp32_weights,
+    save_final_model,
+    setup_accelerator,
+    unwrap,
+)
+from dev2pro.train.ema import Ema
+from dev2pro.train.flow_step import flow_micro_steps
+from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
+from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
 
 
 @dataclass(frozen=True)
 class DedistillConfig:
-    model: T.ModelConfig
-    train: T.TrainConfig
-    output: T.OutputConfig
+    model: ModelConfig
+    train: TrainConfig
+    output: OutputConfig
     data: DataConfig | None = None
-    ema: T.EmaConfig = field(default_factory=T.EmaConfig)
-    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
-    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
-    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+def run(cfg: DedistillConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
     from dev2pro.train import monitor as M
 
     # ---- setup
-    T.require_fp32_weights(cfg.model)
-    acc = T.setup_accelerator(cfg.train)
-    out = T.prepare_output_dir(cfg.output.dir)
-    resume_from = T.find_resume(out, resume)
-    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    require_fp32_weights(cfg.model)
+    acc = setup_accelerator(cfg.train)
+    out = prepare_output_dir(cfg.output.dir)
+    resume_from = find_resume(out, resume)
+    data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    model = T.load_model(cfg.model.base, "fp32", acc.device)
+    model = load_model(cfg.model.base, "fp32", acc.device)
     has_g = has_guidance_embed(model)
     if not has_g:
         raise ConfigError(f"model.base '{cfg.model.base}' has no guidance embedding: de-distillation starts from a "
@@ -59,38 +81,38 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    model = T.distribute(acc, model, cfg.distributed, cfg.train)
-    opt = acc.prepare_optimizer(T.make_optimizer(model.parameters(), cfg.train))
-    ema = T.Ema(dict(T.unwrap(model).named_parameters()), cfg.ema.decay) if cfg.ema.enabled else None
+    model = distribute(acc, model, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
+    ema = Ema(dict(unwrap(model).named_parameters()), cfg.ema.decay) if cfg.ema.enabled else None
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if resume_from is not None:
-        resumed = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler)
+        resumed = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler)
         start = resumed.step
         if ema is not None:
             ema.load(resumed.extra_tensors)
-    batches = T.infinite_batches(data)
-    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
+    batches = infinite_batches(data)
+    log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
-    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "dedistill")
+    bar = progress(cfg.train.steps, start, acc.is_main_process, "dedistill")
 
     def checkpoint(step: int) -> None:
-        T.save_checkpoint(out, step, acc, model, opt, generator=gen, sampler=data.sampler, config_toml=config_toml,
-                          extra_tensors=ema.state() if ema is not None else None, keep_last=cfg.output.keep_last)
+        save_checkpoint(out, step, acc, model, opt, generator=gen, sampler=data.sampler, config_toml=config_toml,
+                        extra_tensors=ema.state() if ema is not None else None, keep_last=cfg.output.keep_last)
 
     # ---- loop
     for step in range(start, cfg.train.steps):
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, model, step, log, mon_log)
-        lr = T.set_lr(opt, step, cfg.train)
-        per_g, t_g = T.flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=True,
-                                        guidance=cfg.train.guidance)
-        T.finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
+        lr = set_lr(opt, step, cfg.train)
+        per_g, t_g = flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=True,
+                                      guidance=cfg.train.guidance)
+        finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         if ema is not None:
-            ema.update(dict(T.unwrap(model).named_parameters()))
+            ema.update(dict(unwrap(model).named_parameters()))
         done = step + 1
-        if T.due(cfg.sample.every, done, cfg.train.steps):
-            T.write_samples(acc, model, data, cfg.sample, out, done)
+        if due(cfg.sample.every, done, cfg.train.steps):
+            write_samples(acc, model, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
             checkpoint(done)
     bar.close()
@@ -101,7 +123,7 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: T.TrainData | None 
     if cfg.output.save_every > 0:
         checkpoint(cfg.train.steps)
     if ema is not None:
-        ema.copy_to(dict(T.unwrap(model).named_parameters()))
-    final = T.save_final_model(acc, model, out, cfg.output, config_toml)
-    T.end_run(acc, log)
+        ema.copy_to(dict(unwrap(model).named_parameters()))
+    final = save_final_model(acc, model, out, cfg.output, config_toml)
+    end_run(acc, log)
     return final

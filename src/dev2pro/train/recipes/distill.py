@@ -29,7 +29,20 @@ from dev2pro.config import dump_toml
 from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
 from dev2pro.flux import flow
-from dev2pro.train import training as T
+from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
+from dev2pro.train.config import DistributedConfig, ModelConfig, MonitorConfig, OutputConfig, SampleConfig, TrainConfig
+from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
+from dev2pro.train.distributed import (
+    accumulation_context,
+    distribute,
+    global_draw,
+    load_model,
+    save_final_model,
+    setup_accelerator,
+)
+from dev2pro.train.flow_step import batch_tensors, flow_batch, forward_flux
+from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
+from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
 
 
 @dataclass(frozen=True)
@@ -52,14 +65,14 @@ class DistillSection:
 
 @dataclass(frozen=True)
 class DistillRecipeConfig:
-    model: T.ModelConfig
-    train: T.TrainConfig
-    output: T.OutputConfig
+    model: ModelConfig
+    train: TrainConfig
+    output: OutputConfig
     data: DataConfig | None = None
     distill: DistillSection = field(default_factory=DistillSection)
-    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
-    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
-    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @torch.no_grad()
@@ -94,19 +107,19 @@ def distill_target(v_uncond: torch.Tensor, v_cond: torch.Tensor, w: torch.Tensor
     return flow.cfg_combine(v_uncond.float(), v_cond.float(), w)
 
 
-def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
     from dev2pro.train import monitor as M
 
     # ---- setup
-    acc = T.setup_accelerator(cfg.train)
-    out = T.prepare_output_dir(cfg.output.dir)
-    resume_from = T.find_resume(out, resume)
-    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    acc = setup_accelerator(cfg.train)
+    out = prepare_output_dir(cfg.output.dir)
+    resume_from = find_resume(out, resume)
+    data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    teacher = T.load_model(cfg.distill.teacher or cfg.model.base, "fp32", "cpu")
+    teacher = load_model(cfg.distill.teacher or cfg.model.base, "fp32", "cpu")
     if cfg.distill.teacher and cfg.distill.teacher != cfg.model.base:
-        init = T.load_model(cfg.model.base, "fp32", "cpu")
+        init = load_model(cfg.model.base, "fp32", "cpu")
         student = init if has_guidance_embed(init) else student_from_teacher(init, cfg.distill.teacher_guidance)
         del init
     else:
@@ -124,40 +137,40 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
     if cfg.train.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(student, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    student = T.distribute(acc, student, cfg.distributed, cfg.train)
-    opt = acc.prepare_optimizer(T.make_optimizer(student.parameters(), cfg.train))
+    student = distribute(acc, student, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(make_optimizer(student.parameters(), cfg.train))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if resume_from is not None:
-        start = T.load_checkpoint(resume_from, acc, student, opt, generator=gen, sampler=data.sampler).step
-    batches = T.infinite_batches(data)
-    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
+        start = load_checkpoint(resume_from, acc, student, opt, generator=gen, sampler=data.sampler).step
+    batches = infinite_batches(data)
+    log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
     e_txt, e_pooled = data.prompts[""]
-    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "distill")
+    bar = progress(cfg.train.steps, start, acc.is_main_process, "distill")
 
     # ---- loop
     for step in range(start, cfg.train.steps):
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, student, step, log, mon_log)
-        lr = T.set_lr(opt, step, cfg.train)
+        lr = set_lr(opt, step, cfg.train)
         per_all, t_all, distill_all = [], [], []
         for micro in range(cfg.train.grad_accum):
-            latents, txt, pooled = T.batch_tensors(next(batches))
-            fb = T.flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
-            n, mine = T.global_draw(acc, latents.shape[0])
+            latents, txt, pooled = batch_tensors(next(batches))
+            fb = flow_batch(latents, txt, pooled, cfg.train, gen, acc, acc.device)
+            n, mine = global_draw(acc, latents.shape[0])
             w = (cfg.distill.w_min + (cfg.distill.w_max - cfg.distill.w_min) * torch.rand(n, generator=gen))[mine]
             w = w.to(acc.device)
             b = fb.x_t.shape[0]
             with acc.autocast(), torch.no_grad():
-                both = T.forward_flux(
+                both = forward_flux(
                     teacher, teacher_has_g, torch.cat([fb.x_t, fb.x_t]), torch.cat([fb.t, fb.t]),
                     torch.cat([fb.txt, e_txt.to(fb.txt).expand_as(fb.txt)]),
                     torch.cat([fb.pooled, e_pooled.to(fb.pooled).expand_as(fb.pooled)]),
                     fb.img_ids, fb.txt_ids, cfg.distill.teacher_guidance)
                 target = distill_target(both[b:], both[:b], w)
-            with T.accumulation_context(acc, student, micro == cfg.train.grad_accum - 1), acc.autocast():
-                pred = T.forward_flux(student, True, fb.x_t, fb.t, fb.txt, fb.pooled, fb.img_ids, fb.txt_ids, w)
+            with accumulation_context(acc, student, micro == cfg.train.grad_accum - 1), acc.autocast():
+                pred = forward_flux(student, True, fb.x_t, fb.t, fb.txt, fb.pooled, fb.img_ids, fb.txt_ids, w)
                 weight = flow.loss_weight(fb.t, cfg.train.loss_weighting)
                 d_loss = flow.flow_loss(pred, target, weight)
                 per = d_loss
@@ -169,22 +182,22 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: T.TrainData | N
             t_all.append(fb.t)
         per_g, t_g = acc.gather(torch.cat(per_all)), acc.gather(torch.cat(t_all))
         d_mean = float(acc.gather(torch.cat(distill_all)).mean())
-        T.finish_step(acc, student, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log,
-                      extra={"loss/distill": d_mean})
+        finish_step(acc, student, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log,
+                    extra={"loss/distill": d_mean})
         done = step + 1
-        if T.due(cfg.sample.every, done, cfg.train.steps):
-            T.write_samples(acc, student, data, cfg.sample, out, done)
+        if due(cfg.sample.every, done, cfg.train.steps):
+            write_samples(acc, student, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
-            T.save_checkpoint(out, done, acc, student, opt, generator=gen, sampler=data.sampler,
-                              config_toml=config_toml, keep_last=cfg.output.keep_last)
+            save_checkpoint(out, done, acc, student, opt, generator=gen, sampler=data.sampler,
+                            config_toml=config_toml, keep_last=cfg.output.keep_last)
     bar.close()
 
     # ---- save
     if probe is not None:
         M.log_probe(probe, acc, student, cfg.train.steps, log, mon_log)
     if cfg.output.save_every > 0:
-        T.save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
-                          config_toml=config_toml, keep_last=cfg.output.keep_last)
-    final = T.save_final_model(acc, student, out, cfg.output, config_toml)
-    T.end_run(acc, log)
+        save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
+                        config_toml=config_toml, keep_last=cfg.output.keep_last)
+    final = save_final_model(acc, student, out, cfg.output, config_toml)
+    end_run(acc, log)
     return final

@@ -22,7 +22,20 @@ import torch
 from dev2pro.config import dump_toml
 from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
-from dev2pro.train import training as T
+from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
+from dev2pro.train.config import DistributedConfig, ModelConfig, MonitorConfig, OutputConfig, SampleConfig, TrainConfig
+from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
+from dev2pro.train.distributed import (
+    distribute,
+    global_draw,
+    load_model,
+    require_fp32_weights,
+    save_final_model,
+    setup_accelerator,
+)
+from dev2pro.train.flow_step import flow_micro_steps
+from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
+from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
 
 
 @dataclass(frozen=True)
@@ -38,19 +51,19 @@ class BaseSection:
 
 @dataclass(frozen=True)
 class TrainBaseConfig:
-    model: T.ModelConfig
-    train: T.TrainConfig
-    output: T.OutputConfig
+    model: ModelConfig
+    train: TrainConfig
+    output: OutputConfig
     data: DataConfig | None = None
     base: BaseSection = field(default_factory=BaseSection)
-    sample: T.SampleConfig = field(default_factory=T.SampleConfig)
-    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
-    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def caption_dropout(txt, pooled, empty, p: float, generator: torch.Generator, accelerator):
     """Replace each sample's (txt, pooled) by the empty prompt's with probability p (drawn for the global batch)."""
-    n, mine = T.global_draw(accelerator, txt.shape[0])
+    n, mine = global_draw(accelerator, txt.shape[0])
     drop = (torch.rand(n, generator=generator) < p)[mine].to(txt.device)
     e_txt, e_pooled = (e.to(txt.device, txt.dtype) for e in empty)
     txt = torch.where(drop[:, None, None], e_txt.expand_as(txt), txt)
@@ -58,59 +71,59 @@ def caption_dropout(txt, pooled, empty, p: float, generator: torch.Generator, ac
     return txt, pooled
 
 
-def run(cfg: TrainBaseConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+def run(cfg: TrainBaseConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
     from dev2pro.train import monitor as M
 
     # ---- setup
-    T.require_fp32_weights(cfg.model)
-    acc = T.setup_accelerator(cfg.train)
-    out = T.prepare_output_dir(cfg.output.dir)
-    resume_from = T.find_resume(out, resume)
-    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    require_fp32_weights(cfg.model)
+    acc = setup_accelerator(cfg.train)
+    out = prepare_output_dir(cfg.output.dir)
+    resume_from = find_resume(out, resume)
+    data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    model = T.load_model(cfg.model.base, "fp32", acc.device)
+    model = load_model(cfg.model.base, "fp32", acc.device)
     has_g = has_guidance_embed(model)
     model.requires_grad_(True).train()
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    model = T.distribute(acc, model, cfg.distributed, cfg.train)
-    opt = acc.prepare_optimizer(T.make_optimizer(model.parameters(), cfg.train))
+    model = distribute(acc, model, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if resume_from is not None:
-        start = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
-    batches = T.infinite_batches(data)
-    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
+        start = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
+    batches = infinite_batches(data)
+    log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
-    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "train-base")
+    bar = progress(cfg.train.steps, start, acc.is_main_process, "train-base")
 
     # ---- loop
     for step in range(start, cfg.train.steps):
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, model, step, log, mon_log)
-        lr = T.set_lr(opt, step, cfg.train)
-        per_g, t_g = T.flow_micro_steps(
+        lr = set_lr(opt, step, cfg.train)
+        per_g, t_g = flow_micro_steps(
             acc, model, batches, cfg.train, gen, has_guidance=has_g, guidance=cfg.train.guidance,
             condition=lambda fb: caption_dropout(fb.txt, fb.pooled, data.prompts[""], cfg.base.caption_dropout, gen,
                                                  acc))
-        T.finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
+        finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         done = step + 1
-        if T.due(cfg.sample.every, done, cfg.train.steps):
-            T.write_samples(acc, model, data, cfg.sample, out, done)
+        if due(cfg.sample.every, done, cfg.train.steps):
+            write_samples(acc, model, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
-            T.save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
-                              config_toml=config_toml, keep_last=cfg.output.keep_last)
+            save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
+                            config_toml=config_toml, keep_last=cfg.output.keep_last)
     bar.close()
 
     # ---- save
     if probe is not None:
         M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
     if cfg.output.save_every > 0:
-        T.save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
-                          config_toml=config_toml, keep_last=cfg.output.keep_last)
-    final = T.save_final_model(acc, model, out, cfg.output, config_toml)
-    T.end_run(acc, log)
+        save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
+                        config_toml=config_toml, keep_last=cfg.output.keep_last)
+    final = save_final_model(acc, model, out, cfg.output, config_toml)
+    end_run(acc, log)
     return final
 

@@ -2,6 +2,11 @@
 
     loss = || v_theta+LoRA(x_t, t, c, g = train.guidance) - (eps - x0) ||^2      (flow.py's convention)
 
+or, with `train.guidance_loss = s` on a guidance-distilled base (dev), the guidance-preserving loss
+(`dev2pro.train.flow_step.guided_target`; one extra no-grad forward per micro-batch, about +1/3 of a step's compute):
+
+    loss = || v_theta+LoRA(x_t, t, c, g = s) - (v_u + s ((eps - x0) - v_u)) ||^2,   v_u = v_theta+LoRA(x_t,t,"",g=s)
+
 The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and applies the LoRA to dev; the guidance
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
 `dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
@@ -17,7 +22,7 @@ base + trained LoRA, what users will run on dev; `sample.adapter = true` include
 Output: `output.dir/<output.name>.safetensors` in `output.format` (kohya for ComfyUI/Forge, diffusers for
 diffusers/peft) with metadata: base model name and content hash, rank, alpha, targets, training guidance, steps,
 resolution, dataset size, tool version (and the adapter, if any). Checkpoints `checkpoint-<step>` every
-`output.save_every` steps; `--resume` continues exactly (see `dev2pro.train.training`).
+`output.save_every` steps; `--resume` continues exactly (see `dev2pro.train.checkpointing`).
 """
 
 from __future__ import annotations
@@ -30,13 +35,27 @@ import torch
 from dev2pro.config import dump_toml
 from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError, UserError
-from dev2pro.train import training as T
+from dev2pro.train.checkpointing import find_resume, gather_train_state, load_checkpoint, save_checkpoint
+from dev2pro.train.config import (
+    DistributedConfig,
+    LoraConfig,
+    LoraOutputConfig,
+    ModelConfig,
+    MonitorConfig,
+    SampleConfig,
+    TrainConfig,
+)
+from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
+from dev2pro.train.distributed import distribute, load_model, setup_accelerator, unwrap
+from dev2pro.train.flow_step import flow_micro_steps
+from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
+from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
 
 ADAPTER_NAME = "dev2pro_adapter"  # peft adapter name of model.adapter (the trained LoRA is "default")
 
 
 @dataclass(frozen=True)
-class LoraSampleConfig(T.SampleConfig):
+class LoraSampleConfig(SampleConfig):
     """`[sample]` of train-lora: as every recipe, plus whether sample images include `model.adapter`."""
 
     adapter: bool = False
@@ -44,14 +63,14 @@ class LoraSampleConfig(T.SampleConfig):
 
 @dataclass(frozen=True)
 class TrainLoraConfig:
-    model: T.ModelConfig
-    train: T.TrainConfig
-    output: T.LoraOutputConfig
+    model: ModelConfig
+    train: TrainConfig
+    output: LoraOutputConfig
     data: DataConfig | None = None
-    lora: T.LoraConfig = field(default_factory=T.LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     sample: LoraSampleConfig = field(default_factory=LoraSampleConfig)
-    monitor: T.MonitorConfig = field(default_factory=T.MonitorConfig)
-    distributed: T.DistributedConfig = field(default_factory=T.DistributedConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: str = "default"):
@@ -70,7 +89,7 @@ def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: 
 
 def base_identity(ref: str) -> tuple[str, str]:
     """(name, content hash) of the base for the LoRA metadata; presets and toy models have no file to hash."""
-    from dev2pro.flux.checkpoint import model_hash
+    from dev2pro.flux.hashing import model_hash
 
     name = Path(ref).name if not ref.startswith(("preset:", "toy:")) else ref
     try:
@@ -79,28 +98,43 @@ def base_identity(ref: str) -> tuple[str, str]:
         return name, ""
 
 
-def check_compute_dtype(model: torch.nn.Module, train: T.TrainConfig) -> None:
+def trained_guidance(train: TrainConfig) -> float:
+    """The guidance input the LoRA was trained at: `train.guidance_loss` when that is on, else `train.guidance`."""
+    return train.guidance_loss if train.guidance_loss > 0 else train.guidance
+
+
+def check_guidance_loss(train: TrainConfig, has_guidance: bool, base: str) -> None:
+    """The guidance-preserving loss trains the guidance input: a base without one (dev2pro, schnell-like) has none."""
+    if train.guidance_loss > 0 and not has_guidance:
+        raise ConfigError(f"train.guidance_loss = {train.guidance_loss:g} needs a base with a guidance embedding "
+                          f"(FLUX.1-dev); '{base}' has none: on a de-distilled base train with the plain loss "
+                          "(train.guidance_loss = 0)")
+
+
+def check_compute_dtype(model: torch.nn.Module, train: TrainConfig) -> None:
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
     if half and train.mixed_precision == "no":
         raise ConfigError(f"the base holds {sorted(str(d) for d in half)} weights: set train.mixed_precision = "
                           "'bf16' (or model.dtype = 'fp32' for full precision)")
 
 
-def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None = None) -> Path:
+def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
-    from dev2pro.lora.files import load_lora, save_lora, training_metadata
+    from dev2pro.lora.files import load_lora, save_lora
     from dev2pro.lora.inject import add_lora, apply_lora, set_lora_strength
+    from dev2pro.lora.metadata import training_metadata
     from dev2pro.train import monitor as M
 
     # ---- setup
-    acc = T.setup_accelerator(cfg.train)
-    out = T.prepare_output_dir(cfg.output.dir)
-    resume_from = T.find_resume(out, resume)
-    data = T.get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
+    acc = setup_accelerator(cfg.train)
+    out = prepare_output_dir(cfg.output.dir)
+    resume_from = find_resume(out, resume)
+    data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    model = T.load_model(cfg.model.base, cfg.model.dtype, acc.device)
+    model = load_model(cfg.model.base, cfg.model.dtype, acc.device)
     check_compute_dtype(model, cfg.train)
     has_g = has_guidance_embed(model)
+    check_guidance_loss(cfg.train, has_g, cfg.model.base)
     add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed)
     if cfg.model.adapter:
         apply_lora(model, load_lora(cfg.model.adapter), cfg.model.adapter_strength, adapter_name=ADAPTER_NAME,
@@ -109,67 +143,67 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: T.TrainData | None 
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    model = T.distribute(acc, model, cfg.distributed, cfg.train)
-    opt = acc.prepare_optimizer(T.make_optimizer(model.parameters(), cfg.train))
+    model = distribute(acc, model, cfg.distributed, cfg.train)
+    opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if resume_from is not None:
-        start = T.load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
-    batches = T.infinite_batches(data)
-    log, mon_log = T.open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
+        start = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
+    batches = infinite_batches(data)
+    log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
-    bar = T.progress(cfg.train.steps, start, acc.is_main_process, "train-lora")
+    bar = progress(cfg.train.steps, start, acc.is_main_process, "train-lora")
 
     def samples(step: int) -> None:
         hide = cfg.model.adapter and not cfg.sample.adapter
         if hide:
-            set_lora_strength(T.unwrap(model), 0.0, ADAPTER_NAME)
+            set_lora_strength(unwrap(model), 0.0, ADAPTER_NAME)
         try:
-            T.write_samples(acc, model, data, cfg.sample, out, step)
+            write_samples(acc, model, data, cfg.sample, out, step)
         finally:
             if hide:
-                set_lora_strength(T.unwrap(model), cfg.model.adapter_strength, ADAPTER_NAME)
+                set_lora_strength(unwrap(model), cfg.model.adapter_strength, ADAPTER_NAME)
 
     # ---- loop
     for step in range(start, cfg.train.steps):
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, model, step, log, mon_log)
-        lr = T.set_lr(opt, step, cfg.train)
-        per_g, t_g = T.flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=has_g,
-                                        guidance=cfg.train.guidance)
-        T.finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
+        lr = set_lr(opt, step, cfg.train)
+        per_g, t_g = flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=has_g,
+                                      guidance=cfg.train.guidance, uncond=data.prompts[""])
+        finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         done = step + 1
-        if T.due(cfg.sample.every, done, cfg.train.steps):
+        if due(cfg.sample.every, done, cfg.train.steps):
             samples(done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
-            T.save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
-                              config_toml=config_toml, keep_last=cfg.output.keep_last)
+            save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
+                            config_toml=config_toml, keep_last=cfg.output.keep_last)
     bar.close()
 
     # ---- save
     if probe is not None:
         M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
     if cfg.output.save_every > 0:
-        T.save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
-                          config_toml=config_toml, keep_last=cfg.output.keep_last)
-    state, _ = T.gather_train_state(model, opt)
+        save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
+                        config_toml=config_toml, keep_last=cfg.output.keep_last)
+    state, _ = gather_train_state(model, opt)
     final = out / f"{cfg.output.name}.safetensors"
     if acc.is_main_process:
         lora = lora_from_state(state, cfg.lora.alpha)
         name, digest = base_identity(cfg.model.base)
-        extra = {}
+        extra = {"dev2pro.guidance_loss": f"{cfg.train.guidance_loss:g}"} if cfg.train.guidance_loss > 0 else {}
         if cfg.model.adapter:
-            extra = {"dev2pro.adapter": Path(cfg.model.adapter).name,
+            extra |= {"dev2pro.adapter": Path(cfg.model.adapter).name,
                      "dev2pro.adapter_hash": base_identity(cfg.model.adapter)[1],
                      "dev2pro.adapter_strength": str(cfg.model.adapter_strength)}
         meta = training_metadata(
             base_model=name, base_model_hash=digest, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-            targets=cfg.lora.targets, training_guidance=cfg.train.guidance, steps=cfg.train.steps,
+            targets=cfg.lora.targets, training_guidance=trained_guidance(cfg.train), steps=cfg.train.steps,
             resolution=data.info.get("resolution"), dataset_size=data.info.get("dataset_size"), extra=extra)
         try:
             save_lora(final, lora, cfg.output.format, metadata=meta)
         except OSError as e:
             raise UserError(f"could not write {final} ({e.strerror or e}); free disk space and resume") from None
         (out / f"{cfg.output.name}.toml").write_text(config_toml)
-    T.end_run(acc, log)
+    end_run(acc, log)
     return final

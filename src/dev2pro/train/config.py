@@ -1,0 +1,182 @@
+"""Config sections shared by the recipes, one TOML table each (`[model]`, `[train]`, `[lora]`, `[output]`, `[sample]`,
+`[monitor]`, `[ema]`, `[distributed]`): frozen dataclasses that `dev2pro.config.load_config` fills strictly (an
+unknown key is an error) and whose `validate` methods check the values that types cannot. A recipe's own config
+dataclass is a set of these sections plus its method-specific ones (e.g. `distill.DistillSection`).
+
+Pitfall: `model.dtype` is only the storage of the frozen weights; the compute dtype is decided in one place,
+`train.mixed_precision` (full fine-tunes refuse anything but fp32 master weights, see
+`dev2pro.train.distributed.require_fp32_weights`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from dev2pro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: what to train and the encoders used to build the caches.
+
+    `base`: anything `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
+    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
+    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file, "fp8" =
+    block linears quantized on load, see `load_model`); the compute dtype is decided in one place,
+    `train.mixed_precision`.
+    """
+
+    base: str
+    t5: str = "toy"
+    clip: str = "toy"
+    autoencoder: str = "toy"
+    adapter: str | None = None
+    adapter_strength: float = 1.0
+    dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`[train]`: the optimisation. `batch_size` is per process; the global batch is batch_size x processes."""
+
+    steps: int
+    guidance: float = 1.0
+    seed: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    timestep_sampling: Literal["uniform", "logit_normal", "shift", "flux_shift"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_scale: float = 1.0
+    shift: float = 3.1582
+    guidance_loss: float = 0.0  # train-lora on dev: s > 1 trains toward v_u + s (v - v_u) at g = s
+    loss_weighting: Literal["none", "cosmap"] = "none"
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
+        if self.guidance_loss != 0.0 and self.guidance_loss <= 1.0:
+            raise ConfigError(f"train.guidance_loss must be 0 (off) or a guidance scale > 1 such as 3.5, got "
+                              f"{self.guidance_loss:g} (at 1 the guided target equals the plain one)")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """`[lora]`: adapter shape. `targets`: `attention` (q/k/v/out and their text twins) or `all-linear` (kohya)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: Literal["attention", "all-linear"] = "attention"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """`[output]` of full-model recipes: final BFL single file `<dir>/<name>.safetensors` in `dtype` (fp8 with
+    `scaling`); checkpoints `checkpoint-<step>` every `save_every` steps (0 = only at the end), the last `keep_last`
+    kept."""
+
+    dir: str
+    name: str = "model"
+    save_every: int = 0
+    keep_last: int = 2
+    dtype: Literal["bf16", "fp32", "fp8_e4m3fn"] = "bf16"
+    scaling: Literal["none", "tensor", "channel"] = "none"
+
+    def validate(self) -> None:
+        _check_output(self)
+
+
+@dataclass(frozen=True)
+class LoraOutputConfig:
+    """`[output]` of train-lora: final LoRA `<dir>/<name>.safetensors` in `format` (kohya for ComfyUI/Forge,
+    diffusers for diffusers/peft)."""
+
+    dir: str
+    name: str = "lora"
+    format: Literal["kohya", "diffusers"] = "kohya"
+    save_every: int = 0
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        _check_output(self)
+
+
+def _check_output(o) -> None:
+    if not o.dir:
+        raise ConfigError("output.dir is empty: set it to the folder for checkpoints and the result")
+    if o.save_every < 0 or o.keep_last < 1:
+        raise ConfigError("output.save_every must be >= 0 and output.keep_last >= 1")
+    if not re.fullmatch(r"[\w.\-]+", o.name):
+        raise ConfigError(f"output.name '{o.name}' must be a plain file name (letters, digits, _ . -)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
+    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.flux.sampling`); `cfg` != 1
+    runs true CFG with `negative`."""
+
+    every: int = 0
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 20
+    guidance: float | None = None
+    cfg: float = 1.0
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """`[monitor]`: guidance-health probe every `every` steps (0 = off) on `probe_size` fixed inputs."""
+
+    every: int = 0
+    probe_size: int = 4
+    seed: int = 1234
+    t_values: tuple[float, ...] = (0.3, 0.6, 0.9)
+    response_low: float = 1.0
+    response_high: float = 4.0
+    drift_guidances: tuple[float, ...] = (1.0, 3.5)
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """`[ema]`: exponential moving average of the trained weights (dedistill). The EMA weights are what is exported."""
+
+    enabled: bool = False
+    decay: float = 0.999
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """`[distributed]`: how several processes share the work (ignored with one process). `ddp` replicates the model;
+    `fsdp2` shards parameters, gradients and optimizer state (accelerate's FSDP plugin, fsdp_version=2)."""
+
+    strategy: Literal["ddp", "fsdp2"] = "ddp"

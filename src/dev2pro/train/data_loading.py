@@ -1,0 +1,203 @@
+"""What a recipe trains on: `TrainData` (cached dataset or a streamed shard folder, the prompt embeddings encoded
+once, the autoencoder when samples are decoded), built from `[data]` with `[model]`'s encoders (`get_train_data`),
+the endless batch iterator the loop pulls from, and the sample grids written during training.
+
+Training never holds the text encoders: prompts (and the empty prompt, the unconditional embedding) are encoded once
+and the encoders freed before the model is loaded. The batch sampler is rank-aware (`TrainData.bind`) and its state is
+saved in checkpoints, so `--resume` continues at the same data position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dev2pro.errors import ConfigError, UserError
+from dev2pro.train.config import ModelConfig, SampleConfig, TrainConfig
+from dev2pro.train.distributed import is_fsdp, unwrap
+
+
+class InMemoryDataset:
+    """Cached items held in memory (dicts with `latents` (c, h, w), `txt` (L, D), `pooled` (P,)): what tests and the
+    toy world train on without writing a cache folder. Same interface as `dev2pro.data.cache.CachedDataset`."""
+
+    def __init__(self, latents: torch.Tensor, txt: torch.Tensor, pooled: torch.Tensor, captions=None):
+        if not (latents.shape[0] == txt.shape[0] == pooled.shape[0]):
+            raise ValueError(f"item counts differ: latents {latents.shape[0]}, txt {txt.shape[0]}, "
+                             f"pooled {pooled.shape[0]}")
+        self.latents, self.txt, self.pooled = latents.float(), txt.float(), pooled.float()
+        self.captions = list(captions) if captions is not None else [""] * latents.shape[0]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latents": self.latents[i], "txt": self.txt[i], "pooled": self.pooled[i], "caption": self.captions[i],
+                "key": str(i)}
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [tuple(self.latents.shape[-2:])] * len(self)
+
+
+@dataclass
+class TrainData:
+    """What a recipe trains on: a dataset of cached items (dicts with `latents` (c, h, w), `txt` (L, D), `pooled`
+    (P,)), the prompt embeddings encoded once before the encoders were freed (`prompts[text] = (txt (L, D), pooled
+    (P,))`; must hold the empty prompt ""), optionally the autoencoder (to decode samples). `bind` makes the
+    rank-aware bucket batch sampler once the process layout is known."""
+
+    dataset: Any = None
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    autoencoder: Any = None  # kept only when samples are decoded during training
+    info: dict[str, Any] = field(default_factory=dict)
+    shuffle: bool = True
+    sampler: Any = None
+    collate: Any = None
+    shards: Path | None = None  # a `dev2pro cache` shard folder, streamed rank by rank instead of `dataset`
+    probe_batch: dict | None = None  # a few items of one bucket for the monitor when there is no `dataset`
+
+    def bind(self, accelerator, batch_size: int, seed: int) -> TrainData:
+        """Make this process's batch source: a `BucketBatchSampler` over `dataset` (global batches split by rank),
+        or a `ShardStream` over `shards` (whole shards per rank)."""
+        from dev2pro.data.cache import BucketBatchSampler, collate
+
+        if "" not in self.prompts:
+            raise ValueError("TrainData.prompts must hold the empty prompt '' (the unconditional embedding)")
+        if self.shards is not None:
+            from dev2pro.data.shards import ShardStream
+
+            self.sampler = ShardStream(self.shards, rank=accelerator.process_index,
+                                       world_size=accelerator.num_processes, seed=seed, batch_size=batch_size,
+                                       shuffle=self.shuffle)
+            return self
+        self.sampler = BucketBatchSampler(self.dataset, batch_size=batch_size, seed=seed,
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                          shuffle=self.shuffle)
+        self.collate = self.collate or collate
+        self.info.setdefault("dataset_size", len(self.dataset))
+        return self
+
+
+def encode_prompts(text_encoder, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Embeddings of `prompts` plus the empty prompt, as `TrainData.prompts` wants them."""
+    want = list(dict.fromkeys(["", *prompts]))
+    with torch.no_grad():
+        txt, pooled = text_encoder.encode(want)
+    return {p: (txt[i].float().cpu(), pooled[i].float().cpu()) for i, p in enumerate(want)}
+
+
+def infinite_batches(data: TrainData) -> Iterator[dict]:
+    """Collated batches forever, epoch after epoch. The sampler owns the order and position (its state_dict is
+    saved in checkpoints); starting a new epoch is its job when iterated again. A shard stream is endless itself."""
+    if data.shards is not None:
+        yield from data.sampler
+        return
+    while True:
+        empty = True
+        for indices in data.sampler:
+            empty = False
+            yield data.collate([data.dataset[i] for i in indices])
+        if empty:
+            raise UserError("the dataset yields no batch (fewer items than train.batch_size x processes?)")
+
+
+def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list[str],
+                    keep_autoencoder: bool = False) -> TrainData:
+    """Scan `data.dir`, build or reuse the latent/text caches with the encoders of `[model]` (main process first, the
+    others then find everything cached), encode `prompts` plus the empty prompt once and free the encoders. Training
+    never holds the text encoders; with `keep_autoencoder` (sample images during training) the autoencoder is kept
+    on the CPU in float32 for decoding (the real Flux VAE decodes a 512px image in a few seconds there; the toy one
+    is free). Call `.bind(...)` on the result for the batch sampler."""
+    from dev2pro.data import cache as cache_mod
+    from dev2pro.data.folders import scan_dataset
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.encoders import free
+    from dev2pro.flux.text_encoders import load_text_encoder
+
+    device = accelerator.device
+    enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if (Path(data_cfg.dir) / "dataset.json").is_file():
+        return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
+    with accelerator.main_process_first():
+        autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
+        index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
+        text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+        dataset = cache_mod.prepare_cache(index, autoencoder, text_encoder, device=device, dtype=enc_dtype,
+                                          progress=accelerator.is_main_process)
+    embeddings = encode_prompts(text_encoder, prompts)
+    free(text_encoder)
+    if keep_autoencoder:
+        if hasattr(autoencoder, "vae"):
+            autoencoder.vae.to("cpu", torch.float32)
+    else:
+        free(autoencoder)
+        autoencoder = None
+    return TrainData(dataset=dataset, prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle,
+                     info={"dataset_size": len(dataset), "images": len(index.items),
+                           "resolution": data_cfg.resolution})
+
+
+def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: list[str],
+                 keep_autoencoder: bool) -> TrainData:
+    """`data.dir` is a shard folder written by `dev2pro cache`: stream it; only the text encoder is loaded (for the
+    prompt embeddings, checked against the encoder that made the shards) and the autoencoder if samples are decoded."""
+    from dev2pro.data.shards import ShardStream, read_info
+    from dev2pro.errors import DataError
+    from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.encoders import free
+    from dev2pro.flux.text_encoders import load_text_encoder
+
+    info = read_info(data_cfg.dir)
+    text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+    if text_encoder.identity != info["text"]:
+        raise DataError(f"{data_cfg.dir}: the shards were encoded with text encoder {info['text']}, [model] t5/clip "
+                        f"give {text_encoder.identity}: use the same encoders or rebuild the shards")
+    embeddings = encode_prompts(text_encoder, prompts)
+    free(text_encoder)
+    autoencoder = None
+    if keep_autoencoder:
+        autoencoder = load_autoencoder(model_cfg.autoencoder, device="cpu", dtype=torch.float32)
+    first = min(info["shards"], key=lambda sh: -sh["count"])
+    probe = next(iter(ShardStream(data_cfg.dir, seed=0, batch_size=min(8, first["count"]), shuffle=False)))
+    return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, shards=Path(data_cfg.dir),
+                     probe_batch=probe, info={"dataset_size": info["items"], "resolution": info["resolution"]})
+
+
+def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, accelerator, train: TrainConfig,
+                   sample: SampleConfig) -> TrainData:
+    """The injected `data`, or the `[data]` folder cached with `[model]`'s encoders; bound to this process layout."""
+    if data is None:
+        if data_cfg is None:
+            raise ConfigError("missing [data] table (data.dir = folder of images with .txt captions)")
+        prompts = [*sample.prompts, sample.negative] if sample.every > 0 else []
+        data = load_train_data(data_cfg, model_cfg, accelerator, prompts, keep_autoencoder=sample.every > 0)
+    return data.bind(accelerator, train.batch_size, train.seed)
+
+
+def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out_dir: Path, step: int) -> Path | None:
+    """A grid of `sample.prompts` x `sample.seeds` (one row per prompt) from the model as it is now, written to
+    `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
+    encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
+    forward passes; otherwise only the main process samples."""
+    from dev2pro.flux.sampling import generate, save_grid
+
+    if not sample.prompts:
+        return None
+    fsdp = is_fsdp(model)
+    if not (fsdp or accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        return None
+    net = model if fsdp else unwrap(model)
+    with accelerator.autocast():
+        images = generate(net, data.autoencoder, data.prompts, list(sample.prompts), negative=sample.negative,
+                          height=sample.height, width=sample.width, steps=sample.steps, guidance=sample.guidance,
+                          cfg=sample.cfg, seeds=list(sample.seeds), progress=False)
+    path = out_dir / "samples" / f"step-{step:06d}.png"
+    if accelerator.is_main_process:
+        save_grid(images, path, ncols=len(sample.seeds))
+    accelerator.wait_for_everyone()
+    return path
