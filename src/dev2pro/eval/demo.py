@@ -194,16 +194,24 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
         skipped["dev-gloss3.5"] = "this train-lora has no train.guidance_loss option yet"
         plan = dataclasses.replace(plan, modes=tuple(k for k in plan.modes if k != "dev-gloss3.5"))
 
+    cpu: dict[str, float] = {}  # CPU seconds per stage: on a busy shared machine, wall time says little
+    cpu_mark = [time.process_time()]
+
     def stage(name: str):
         log(f"[demo] {name} ...")
+        cpu_mark[0] = time.process_time()
         return time.perf_counter()
+
+    def done(key: str, t0: float) -> None:
+        timings[key] = time.perf_counter() - t0
+        cpu[key] = time.process_time() - cpu_mark[0]
 
     t0 = stage("writing the toy datasets")
     data = out / "data"
     write_dataset(data / "base", plan.n_base, seed=plan.seed + 1001)
     write_dataset(data / "style", plan.n_style, seed=plan.seed + 2001, style=True)
     write_reference(data / "reference", plan)
-    timings["data"] = time.perf_counter() - t0
+    done("data", t0)
 
     t0 = stage(f"de-distilling {dev} into dev2pro ({plan.dedistill_steps} steps, guidance 1.0)")
     dev2pro = run_recipe("dedistill", {
@@ -213,7 +221,7 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
         "data": {"dir": str(data / "base"), "resolution": _image_size()},
         "output": {"dir": str(out / "dev2pro"), "name": "toy-dev2pro", "dtype": "fp32"},
     }, configs / "dedistill.toml")
-    timings["dedistill"] = time.perf_counter() - t0
+    done("dedistill", t0)
 
     adapter, adapter_info = None, {}
     if any(MODE[k].adapter for k in plan.modes):
@@ -223,7 +231,7 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
         summ = extract_lora(as_file(dev, out / "adapter" / "dev.safetensors"), dev2pro, adapter,
                             rank=plan.adapter_rank, progress=False)
         adapter_info = {"rank": plan.adapter_rank, "energy": summ.fraction}
-        timings["adapter"] = time.perf_counter() - t0
+        done("adapter", t0)
 
     refs = {"dev": dev, "dev2pro": str(dev2pro), "pro": pro}
     runs: dict[tuple[str, int], Path] = {}
@@ -236,18 +244,20 @@ def run_demo(out: str | Path = "runs/demo", plan: DemoPlan | None = None, *, ful
             runs[(key, s)] = run_recipe("train_lora", lora_config(
                 mode, s, refs=refs, adapter=str(adapter) if adapter else None, plan=plan,
                 data_dir=str(data / "style"), out_dir=str(out / "loras" / name)), configs / f"lora-{name}.toml")
-        timings[f"LoRAs {key}"] = time.perf_counter() - t0
+        done(f"LoRAs {key}", t0)
 
-    log("[demo] evaluating: every run x {dev, dev2pro}, guidance response, step curves ...")
+    stage("evaluating: every run x {dev, dev2pro}, guidance response, step curves")
     title = "dev2pro demo: one style LoRA trained six ways, on the toy world"
     cfg = from_dict(CompareConfig, compare_config(plan, out, refs, runs, title))
     (configs / "compare.toml").write_text(dump_toml(cfg), encoding="utf-8")
     res = run_compare(cfg, toolkit=toolkit, preface=preface(plan, timings, dev, pro, full, skipped, adapter_info))
     timings["evaluation"] = res.seconds
+    cpu["evaluation"] = time.process_time() - cpu_mark[0]
     res.claims = run_claims(res, plan)
     total = time.perf_counter() - t_start
     res.total_seconds = total
-    res.summary = {"timings_s": timings, "total_s": total, "plan": dataclasses.asdict(plan), "dev": dev, "pro": pro,
+    res.summary = {"timings_s": timings, "cpu_s": {k: round(v, 1) for k, v in cpu.items()}, "total_s": total,
+                   "plan": dataclasses.asdict(plan), "dev": dev, "pro": pro,
                    "full": full, "skipped_modes": skipped, "adapter": adapter_info, "verdict": res.verdict,
                    "claims": res.claims, "machine": machine_info(load_start)}
     (out / "demo.json").write_text(json.dumps(res.summary, indent=1, default=str), encoding="utf-8")

@@ -103,7 +103,8 @@ def _run_line(res) -> str:
         load = f", load average {m['load_average_start']:.1f} at the start and {m['load_average_end']:.1f} at the end"
     return (f"Run: {summ['total_s'] / 60:.1f} minutes in all (" + ", ".join(f"{k} {x:.0f} s" for k, x in t.items())
             + f") on {m['cores']} CPU cores ({m['processor']}), {m['torch_threads']} torch thread(s){load}; "
-            f"{m['cpu_seconds']:.0f} CPU seconds.")
+            f"{m['cpu_seconds']:.0f} CPU seconds" + (" (" + ", ".join(f"{k} {x:.0f}" for k, x in summ["cpu_s"].items())
+                                                     + ")" if summ.get("cpu_s") else "") + ".")
 
 
 def _observations(res) -> list[str]:
