@@ -163,7 +163,8 @@ def write_results_doc(res, docs: str | Path, command: str = "dev2pro demo") -> P
               "### Styled and on prompt (style probability x prompt adherence; mean [95% interval over runs])", "",
               pivot_table(res.config, main, "score", rows), ""]
     if any(math.isfinite(e.mean) for e in main["response"].values()):
-        parts += ["### Guidance response on dev (adherence at 3.5 minus at 1.0)", "",
+        parts += [f"### Guidance response on dev (adherence at {plan['guidance']:g} minus at "
+                  f"{plan['response_guidance']:g}; mean [95% interval over runs])", "",
                   pivot_table(res.config, main, "response", rows), ""]
     parts += ["### All metrics", "", res.table(), ""]
     if "curves" in links:

@@ -151,7 +151,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("score", "styled and on prompt (style x adherence)", True, "t-interval over images"),
     Metric("fd", "Frechet distance to style references", False, "delete-one jackknife over generated images"),
     Metric("diversity", "diversity across seeds", True, "t-interval over prompts"),
-    Metric("response", "guidance response (adherence at the main guidance minus at the low one)", True,
+    Metric("response", "guidance response", True,
            "paired t-interval over images (same prompt and seed at both guidance values)"),
 )
 METRIC = {m.key: m for m in METRICS}
