@@ -147,7 +147,7 @@ def test_plan_sizes_and_cli_validation(capsys):
     # the full experiment: >= 3 training seeds, >= 6 curve points up to >= 4x the ~150 steps the style takes
     assert len(full.train_seeds) >= 3 and len(full.curve_steps()) >= 6 and full.lora_steps >= 4 * 150
     assert len(quick.train_seeds) >= 2 and len(quick.curve_steps()) >= 5 and set(quick.modes) == set(M.MODE)
-    assert "LoRA steps 120 (full: 600)" in R.cuts(quick, full)
+    assert "LoRA steps 100 (full: 600)" in R.cuts(quick, full) and "curve prompts 4 (full: all)" in R.cuts(quick, full)
     p = quick.scaled(0.01)
     assert p.dedistill_steps == max(2, round(quick.dedistill_steps * 0.01)) and p.lora_steps >= 2
     prompts = D.eval_prompts(quick)

@@ -47,7 +47,7 @@ class DemoPlan:
     adapter_rank: int = 32  # rank of the extracted de-distill adapter (mode e)
     modes: tuple[str, ...] = tuple(m.key for m in MODES)
     train_seeds: tuple[int, ...] = (0, 1)  # training runs per mode
-    lora_steps: int = 120  # a rank-8 LoRA learns the zxq style in ~100-150 steps (judge P(style) 0.13 -> 0.99)
+    lora_steps: int = 100  # a rank-8 LoRA learns the zxq style in ~100-150 steps (judge P(style) 0.13 -> 0.99)
     lora_lr: float = 1e-3
     lora_rank: int = 8
     lora_targets: str = "all-linear"
@@ -55,7 +55,7 @@ class DemoPlan:
     checkpoints: int = 5  # LoRA checkpoints evenly over training, the last at the final step (curve points > 0)
     prompts: int = 8  # evaluation prompts (fresh scenes, with the trigger)
     seeds: tuple[int, ...] = (0, 1)  # sampling seeds of the final cells
-    curve_prompts: int = 0  # prompts of the curves (0: all)
+    curve_prompts: int = 4  # prompts of the curves, the first ones (0: all)
     curve_seeds: tuple[int, ...] = (0,)
     sample_steps: int = 16
     guidance: float = 3.5  # dev's embedded guidance and dev2pro's CFG scale at evaluation
@@ -70,7 +70,7 @@ class DemoPlan:
     @classmethod
     def full(cls) -> DemoPlan:
         return cls(n_base=4096, n_style=128, dedistill_steps=1200, train_seeds=(0, 1, 2), lora_steps=600,
-                   checkpoints=6, prompts=16, seeds=(0, 1, 2, 3), curve_seeds=(0,), sample_steps=20,
+                   checkpoints=6, prompts=16, seeds=(0, 1, 2, 3), curve_prompts=0, curve_seeds=(0,), sample_steps=20,
                    sweep=(2.0, 5.0))
 
     def scaled(self, scale: float) -> DemoPlan:

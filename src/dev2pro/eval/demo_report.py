@@ -26,10 +26,12 @@ def cuts(plan, full_plan) -> list[str]:
     names = {"train_seeds": "training seeds per mode", "lora_steps": "LoRA steps", "checkpoints": "curve points",
              "dedistill_steps": "de-distillation steps", "n_base": "de-distillation images", "n_style": "style images",
              "prompts": "evaluation prompts", "seeds": "sampling seeds", "sample_steps": "sampling steps",
-             "sweep": "extra guidance values on dev", "curve_seeds": "curve seeds"}
+             "sweep": "extra guidance values on dev", "curve_seeds": "curve seeds", "curve_prompts": "curve prompts"}
     def fmt(name: str, v) -> str:
         if name in ("train_seeds", "seeds", "curve_seeds"):
             return str(len(v))
+        if name == "curve_prompts" and v == 0:
+            return "all"
         return (", ".join(f"{x:g}" for x in v) or "none") if isinstance(v, tuple) else str(v)
 
     out = []
