@@ -49,11 +49,12 @@ class Pooled:
     sizes: dict  # group -> number of runs
 
 
-def _pool_cell(estimates: dict[str, Estimate], level: float) -> Estimate:
-    """`estimates`: run name -> that run's estimate of one cell."""
+def _pool_cell(estimates: dict[str, Estimate], level: float, metric: str = "") -> Estimate:
+    """`estimates`: run name -> that run's estimate of one cell. A distance's interval is clipped at 0."""
     if len(estimates) == 1:
         return next(iter(estimates.values()))
-    return runs_ci([e.mean for e in estimates.values()], level)
+    e = runs_ci([x.mean for x in estimates.values()], level)
+    return dataclasses.replace(e, lo=max(0.0, e.lo)) if metric == "fd" and math.isfinite(e.lo) else e
 
 
 def pool(cfg: CompareConfig, main: dict, sweep: dict, curves: dict, level: float = 0.95) -> Pooled:
@@ -72,7 +73,7 @@ def pool(cfg: CompareConfig, main: dict, sweep: dict, curves: dict, level: float
             for b in cfg.bases:
                 per = {n: main[m.key][(n, b.name)] for n in names if (n, b.name) in main[m.key]}
                 if per:
-                    pm[m.key][(g, b.name)] = _pool_cell(per, level)
+                    pm[m.key][(g, b.name)] = _pool_cell(per, level, m.key)
                     runs[m.key][(g, b.name)] = {n: e.mean for n, e in per.items()}
                 for src, dst, store in ((sweep, ps, None), (curves, pc, run_curves)):
                     series = {n: dict(src[m.key][(n, b.name)]) for n in names if (n, b.name) in src[m.key]}
@@ -83,7 +84,8 @@ def pool(cfg: CompareConfig, main: dict, sweep: dict, curves: dict, level: float
                     for x in xs:
                         at = {n: s[x] for n, s in series.items() if x in s}
                         # step 0 of a curve is the base alone, the same job for every run: its own interval
-                        pts.append((x, next(iter(at.values())) if (dst is pc and x == 0) else _pool_cell(at, level)))
+                        pts.append((x, next(iter(at.values())) if (dst is pc and x == 0)
+                                    else _pool_cell(at, level, m.key)))
                     dst[m.key][(g, b.name)] = pts
                     if store is not None:
                         store[m.key][(g, b.name)] = {n: sorted((x, e.mean) for x, e in s.items())
