@@ -10,6 +10,7 @@ A dataset entry leaves unset (None) what it takes from `[data]`; `dataset_config
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,11 +18,12 @@ from typing import Literal
 from dev2pro.errors import ConfigError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya: a folder "10_name" repeats its images 10 times
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One `[[data.datasets]]` entry; None = the value of `[data]`."""
+    """One `[[data.datasets]]` entry; None = the value of `[data]`. Unset `repeats` of a folder named `N_name` is N."""
 
     dir: str
     repeats: int | None = None
@@ -130,6 +132,9 @@ def dataset_configs(data: DataConfig) -> list[tuple[DataConfig, bool]]:
     for d in entries:
         over = {f.name: getattr(d, f.name) for f in dataclasses.fields(d)
                 if f.name not in ("resolutions", "is_reg") and getattr(d, f.name) is not None}
+        named = REPEATS_DIR.match(Path(d.dir).name)
+        if data.datasets and d.repeats is None and named:  # an entry's own "10_name" folder, as kohya_ss users have
+            over["repeats"] = max(1, int(named.group(1)))
         base = dataclasses.replace(data, datasets=(), resolutions=(), **over)
         for r in d.resolutions or data.resolutions or (data.resolution,):
             out.append((dataclasses.replace(base, resolution=r), d.is_reg))

@@ -41,12 +41,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from dev2pro.data.config import IMAGE_EXTS, DataConfig
+from dev2pro.data.config import IMAGE_EXTS, REPEATS_DIR, DataConfig
 from dev2pro.errors import DataError
 
 log = logging.getLogger(__name__)
 
-REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 TRIGGER_TOKEN = "[trigger]"
 EXIF_ORIENTATION = 0x0112
 
