@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cache import FakeAE, FakeText
 
 from dev2pro.config import from_dict
 from dev2pro.data.cache import BucketBatchSampler, collate
@@ -20,6 +19,7 @@ from dev2pro.data.captions import caption_variants, pick, shuffle_tags, split_ta
 from dev2pro.data.datasets import load_datasets
 from dev2pro.errors import ConfigError
 from dev2pro.train.recipes.train_lora import TrainLoraConfig
+from test_cache import FakeAE, FakeText
 
 TAGS = ["red", "circle", "black background", "center", "small", "sharp"]
 

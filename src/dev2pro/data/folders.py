@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
