@@ -54,16 +54,21 @@ def load_datasets(data: DataConfig, autoencoder, text_encoder, *, device, dtype,
 
 def data_info(indexes, dataset: CachedDataset, data: DataConfig) -> dict:
     """What the LoRA metadata records about the data (each folder counted once, at its first resolution)."""
-    tags, dirs, triggers, images = {}, {}, [], 0
+    tags, dirs, triggers, images, seen = {}, {}, [], 0, set()
     for cfg, index, _ in indexes:
-        name = Path(cfg.dir).name
-        if name in dirs:
+        if cfg.dir in seen:
             continue
-        tags[name] = tag_frequency([it.caption for it in index.items])
-        dirs[name] = {"n_repeats": max((it.repeats for it in index.items), default=1), "img_count": len(index)}
+        seen.add(cfg.dir)
         images += len(index)
         if cfg.trigger and cfg.trigger not in triggers:
             triggers.append(cfg.trigger)
+        groups: dict[str, list] = {}
+        for it in index.items:  # kohya's subsets: each first-level subfolder (`10_name`), else the folder itself
+            rel = it.path.relative_to(cfg.dir)
+            groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else Path(cfg.dir).name, []).append(it)
+        for name, items in groups.items():
+            tags[name] = tag_frequency([it.caption for it in items])
+            dirs[name] = {"n_repeats": max(it.repeats for it in items), "img_count": len(items)}
     has_reg = any(is_reg for *_, is_reg in indexes)
     n_train = len(dataset) // 2 if has_reg else len(dataset)  # `join` gives reg sets as many items as training
     first = indexes[0][0]
