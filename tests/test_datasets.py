@@ -5,6 +5,7 @@ sets), the per-draw caption transforms against their definitions, and config err
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -119,3 +120,68 @@ def test_config_errors_name_the_key_and_value(data, needle):
     with pytest.raises(ConfigError) as e:
         data_config(data)
     assert needle in str(e.value) and "DataConfig" not in str(e.value)
+
+
+def test_datasets_rules_and_targets_round_trip_through_the_resolved_config(tmp_path):
+    """The resolved config written beside checkpoints (`dump_toml`) loads back equal, tables in lists included."""
+    from dev2pro.config import dump_toml, load_config
+
+    text = '''
+[model]
+base = "preset:tiny-dev@0"
+t5_max_length = 256
+[train]
+steps = 1
+optimizer = "adafactor"
+optimizer_args = { clip_threshold = 2.0 }
+scheduler = "cosine"
+[output]
+dir = "o"
+save_dtype = "fp16"
+[lora]
+targets = ["attention", 'single_transformer_blocks\\..*\\.proj_mlp']
+[[lora.rules]]
+pattern = 'single_transformer_blocks\\..*\\.proj_mlp'
+rank = 16
+[[data.datasets]]
+dir = "a"
+keep_tokens = 1
+shuffle_captions = true
+[[data.datasets]]
+dir = "reg"
+is_reg = true
+resolutions = [512, 768]
+'''
+    (tmp_path / "c.toml").write_text(text)
+    cfg = load_config(TrainLoraConfig, tmp_path / "c.toml")
+    assert cfg.lora.targets == ("attention", r"single_transformer_blocks\..*\.proj_mlp")
+    assert cfg.lora.rules[0].rank == 16 and cfg.lora.rules[0].alpha is None and cfg.model.t5_max_length == 256
+    assert cfg.data.datasets[1].is_reg and cfg.data.datasets[1].resolutions == (512, 768)
+    (tmp_path / "resolved.toml").write_text(dump_toml(cfg))
+    assert load_config(TrainLoraConfig, tmp_path / "resolved.toml") == cfg
+    for bad, needle in (("lora.targets=['(']", "lora.targets[0] = '(': not a valid regex"),
+                        ("model.t5_max_length=1024", "model.t5_max_length = 1024: must be in 1..512"),
+                        ("train.scheduler=cosine_restarts", "train.scheduler: expected one of"),
+                        ("lora.rules=[{pattern='x', rank='big'}]", "lora.rules[0].rank: expected an integer")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config(TrainLoraConfig, tmp_path / "c.toml", [bad])
+
+
+def test_t5_max_length_reaches_the_text_encoder(tmp_path, monkeypatch):
+    import dev2pro.flux.text_encoders as te
+    from dev2pro.toy.world import write_dataset
+    from dev2pro.train.config import ModelConfig, TrainConfig
+    from dev2pro.train.data_loading import load_train_data
+    from dev2pro.train.distributed import setup_accelerator
+
+    seen, real = [], te.load_text_encoder
+
+    def spy(*args, max_length=512, **kw):
+        seen.append(max_length)
+        return real(*args, max_length=max_length, **kw)
+
+    monkeypatch.setattr(te, "load_text_encoder", spy)
+    data = data_config({"dir": str(write_dataset(tmp_path / "d", 2, seed=0)), "resolution": 32})
+    acc = setup_accelerator(TrainConfig(steps=1, device="cpu"))
+    got = load_train_data(data, ModelConfig(base="preset:tiny-dev@0", t5_max_length=77), acc, [])
+    assert seen == [77] and got.info["dataset_size"] == 2

@@ -35,8 +35,9 @@ def run(tmp_path_factory):
     config.write_text((ROOT / "configs" / "tiny-cpu.toml").read_text()
                       + f'\n[[lora.rules]]\npattern = "{RULE.replace(chr(92), chr(92) * 2)}"\nrank = 8\nalpha = 2\n')
     args = ["train-lora", str(config), f"data.dir={images}", f"output.dir={tmp / 'o'}", "train.steps=2",
-            "output.save_every=1", "train.batch_size=2", "train.warmup_steps=0", "train.lr=0.1", "sample.every=0", "monitor.every=0", "lora.targets=all-linear",
-            "data.trigger=ohwx", "output.format=diffusers"]  # diffusers' kohya reader assumes real Flux sizes
+            "output.save_every=1", "train.batch_size=2", "train.warmup_steps=0", "train.lr=0.1", "sample.every=0",
+            "monitor.every=0", "lora.targets=all-linear", "data.trigger=ohwx",
+            "output.format=diffusers"]  # diffusers' kohya reader assumes the real Flux sizes (3072, 12288)
     assert main(args) == 0
     return tmp
 
