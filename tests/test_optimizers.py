@@ -74,6 +74,11 @@ def test_exact_resume_and_lr_curve(tmp_path, optimizer, scheduler):
 def test_bad_optimizer_settings_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train.lr = 0.0001 with train.optimizer = 'prodigy'"):
         TrainConfig(steps=1, optimizer="prodigy", lr=1e-4).validate()
+    from dev2pro.train.optim import set_lr  # the full-model recipes keep the built-in schedule
+
+    with pytest.raises(ConfigError, match="train.scheduler = 'cosine' is supported by train-lora only"):
+        set_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 0, TrainConfig(steps=1,
+                                                                                                scheduler="cosine"))
     cfg = R.TrainLoraConfig(model=ModelConfig(base="preset:tiny-dev@0", dtype="fp32"),
                             train=TrainConfig(steps=1, device="cpu", optimizer="adafactor",
                                               optimizer_args={"betaz": 0.9}),

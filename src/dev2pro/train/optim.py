@@ -113,6 +113,10 @@ class LrSchedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, train: TrainConfig) -> float:
+    """Set the built-in schedule's LR of `step` on every group (recipes without `LrSchedule` call this directly)."""
+    if train.scheduler != "builtin":
+        raise ConfigError(f"train.scheduler = '{train.scheduler}' is supported by train-lora only: use "
+                          "train.lr_schedule (constant / cosine) with train.scheduler = 'builtin' here")
     lr = train.lr * lr_factor(step, train)
     for group in optimizer.param_groups:
         group["lr"] = lr
