@@ -8,7 +8,9 @@ safetensors file, and returns a `CachedDataset` that reads them back; training n
 Cache keys (sha256, see `latent_key` / `text_key`):
 - latents: image content hash + `ae.identity` + bucket (W, H) + crop mode + variant; a changed image, autoencoder,
   resolution or crop recomputes only the affected files, a renamed or moved image reuses its file.
-- text: caption text (after trigger) + `text.identity`; a changed caption recomputes that caption only.
+- text: caption text (after trigger) + `text.identity`; a changed caption recomputes that caption only. With caption
+  shuffling each cached variant is its own text, with caption dropout the empty caption is one more
+  (`item_captions`; which one a draw uses: `dev2pro.data.captions`).
 Files live in `<cache_dir>/latents/ab/<key>.safetensors` and `<cache_dir>/text/ab/<key>.safetensors`, written to a
 temporary name and renamed, so an interrupted run leaves no half file; a file that does not load or holds non-finite
 values is recomputed.
