@@ -71,6 +71,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_scale: float = 1.0
     shift: float = 3.1582
+    guidance_loss: float = 0.0  # train-lora on dev: s > 1 trains toward v_u + s (v - v_u) at g = s
     loss_weighting: Literal["none", "cosmap"] = "none"
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -93,6 +94,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr_cycles must be >= 1 and train.lr_power > 0, got {self.lr_cycles}, "
                               f"{self.lr_power}")
 
+        if self.guidance_loss != 0.0 and self.guidance_loss <= 1.0:
+            raise ConfigError(f"train.guidance_loss must be 0 (off) or a guidance scale > 1 such as 3.5, got "
+                              f"{self.guidance_loss:g} (at 1 the guided target equals the plain one)")
 
 @dataclass(frozen=True)
 class LoraRule:

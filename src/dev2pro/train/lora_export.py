@@ -59,10 +59,12 @@ def step_file(out_dir: Path, name: str, step: int) -> Path:
 class LoraExporter:
     """Writes the LoRA files of one run; `cfg` is a `TrainLoraConfig`, `alphas` the per-module alphas of the trained
     adapter, `info` the dataset facts (`TrainData.info`), `optimizer` its kohya label, `started_at` the run's start
-    (kept across resumes through the checkpoint)."""
+    (kept across resumes through the checkpoint), `training_guidance` the guidance input trained at."""
 
-    def __init__(self, cfg: Any, alphas: dict[str, float], info: dict, optimizer: str, started_at: float):
+    def __init__(self, cfg: Any, alphas: dict[str, float], info: dict, optimizer: str, started_at: float,
+                 training_guidance: float):
         self.cfg, self.alphas, self.info, self.optimizer, self.started_at = cfg, alphas, info, optimizer, started_at
+        self.guidance = training_guidance
         self._base = None
 
     def metadata(self, step: int) -> dict[str, str]:
@@ -72,11 +74,11 @@ class LoraExporter:
         if self._base is None:
             self._base = base_identity(cfg.model.base)
         name, digest = self._base
-        extra = {}
+        extra = {"dev2pro.guidance_loss": f"{cfg.train.guidance_loss:g}"} if cfg.train.guidance_loss > 0 else {}
         if cfg.model.adapter:
-            extra = {"dev2pro.adapter": Path(cfg.model.adapter).name,
-                     "dev2pro.adapter_hash": base_identity(cfg.model.adapter)[1],
-                     "dev2pro.adapter_strength": str(cfg.model.adapter_strength)}
+            extra |= {"dev2pro.adapter": Path(cfg.model.adapter).name,
+                      "dev2pro.adapter_hash": base_identity(cfg.model.adapter)[1],
+                      "dev2pro.adapter_strength": str(cfg.model.adapter_strength)}
         if cfg.lora.rules:
             extra["dev2pro.lora_rules"] = [{"pattern": r.pattern, "rank": r.rank, "alpha": r.alpha or r.rank}
                                            for r in cfg.lora.rules]
@@ -85,13 +87,13 @@ class LoraExporter:
         resolution = self.info.get("resolution")
         meta = training_metadata(
             base_model=name, base_model_hash=digest, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-            targets=cfg.lora.targets, training_guidance=cfg.train.guidance, steps=step, resolution=resolution,
+            targets=cfg.lora.targets, training_guidance=self.guidance, steps=step, resolution=resolution,
             dataset_size=self.info.get("dataset_size"), extra=extra)
         scheduler = cfg.train.lr_schedule if cfg.train.scheduler == "builtin" else cfg.train.scheduler
         meta.update(kohya_metadata(
             output_name=cfg.output.name, steps=step, max_steps=cfg.train.steps, started_at=self.started_at,
             finished_at=time.time(), resolution=resolution, trigger=self.info.get("trigger", ""),
-            training_guidance=cfg.train.guidance, base_model=name, learning_rate=cfg.train.lr,
+            training_guidance=self.guidance, base_model=name, learning_rate=cfg.train.lr,
             optimizer=self.optimizer, lr_scheduler=scheduler, seed=cfg.train.seed, batch_size=cfg.train.batch_size,
             data=self.info))
         return meta

@@ -2,6 +2,11 @@
 
     loss = || v_theta+LoRA(x_t, t, c, g = train.guidance) - (eps - x0) ||^2      (flow.py's convention)
 
+or, with `train.guidance_loss = s` on a guidance-distilled base (dev), the guidance-preserving loss
+(`dev2pro.train.flow_step.guided_target`; one extra no-grad forward per micro-batch, about +1/3 of a step's compute):
+
+    loss = || v_theta+LoRA(x_t, t, c, g = s) - (v_u + s ((eps - x0) - v_u)) ||^2,   v_u = v_theta+LoRA(x_t,t,"",g=s)
+
 The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and applies the LoRA to dev; the guidance
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
 `dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
@@ -70,6 +75,19 @@ class TrainLoraConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
+def trained_guidance(train: TrainConfig) -> float:
+    """The guidance input the LoRA was trained at: `train.guidance_loss` when that is on, else `train.guidance`."""
+    return train.guidance_loss if train.guidance_loss > 0 else train.guidance
+
+
+def check_guidance_loss(train: TrainConfig, has_guidance: bool, base: str) -> None:
+    """The guidance-preserving loss trains the guidance input: a base without one (dev2pro, schnell-like) has none."""
+    if train.guidance_loss > 0 and not has_guidance:
+        raise ConfigError(f"train.guidance_loss = {train.guidance_loss:g} needs a base with a guidance embedding "
+                          f"(FLUX.1-dev); '{base}' has none: on a de-distilled base train with the plain loss "
+                          "(train.guidance_loss = 0)")
+
+
 def check_compute_dtype(model: torch.nn.Module, train: TrainConfig) -> None:
     half = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
     if half and train.mixed_precision == "no":
@@ -92,6 +110,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     model = load_model(cfg.model.base, cfg.model.dtype, acc.device)
     check_compute_dtype(model, cfg.train)
     has_g = has_guidance_embed(model)
+    check_guidance_loss(cfg.train, has_g, cfg.model.base)
     add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed,
              rules=cfg.lora.rules)
     alphas = lora_state_dict(model).alphas()  # per module (lora.rules)
@@ -111,7 +130,8 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
         resumed = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler)
         start, started_at = resumed.step, resumed.state.get("training_started_at", started_at)
         schedule.load_state_dict(resumed.state)
-    exporter = LoraExporter(cfg, alphas, data.info, optimizer_label(opt, cfg.train), started_at)
+    exporter = LoraExporter(cfg, alphas, data.info, optimizer_label(opt, cfg.train), started_at,
+                            training_guidance=trained_guidance(cfg.train))
     batches = infinite_batches(data)
     log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
@@ -143,7 +163,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
             M.log_probe(probe, acc, model, step, log, mon_log)
         lr = schedule.before_step(step)
         per_g, t_g = flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=has_g,
-                                      guidance=cfg.train.guidance)
+                                      guidance=cfg.train.guidance, uncond=data.prompts[""])
         finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         schedule.after_step()
         done = step + 1
