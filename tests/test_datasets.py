@@ -185,3 +185,11 @@ def test_t5_max_length_reaches_the_text_encoder(tmp_path, monkeypatch):
     acc = setup_accelerator(TrainConfig(steps=1, device="cpu"))
     got = load_train_data(data, ModelConfig(base="preset:tiny-dev@0", t5_max_length=77), acc, [])
     assert seen == [77] and got.info["dataset_size"] == 2
+
+
+def test_a_shard_folder_refuses_per_draw_captions(tmp_path):
+    from dev2pro.train.data_loading import _load_shards
+
+    cfg = data_config({"dir": str(tmp_path), "caption_dropout": 0.1})
+    with pytest.raises(ConfigError, match="shard folder, which holds one embedding per caption"):
+        _load_shards(cfg, None, "cpu", torch.float32, [], False)

@@ -150,6 +150,9 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     from dev2pro.flux.encoders import free
     from dev2pro.flux.text_encoders import load_text_encoder
 
+    if data_cfg.caption_random():
+        raise ConfigError(f"{data_cfg.dir} is a shard folder, which holds one embedding per caption: "
+                          "data.caption_dropout and data.shuffle_captions need an image folder (set them to 0/false)")
     info = read_info(data_cfg.dir)
     text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype,
                                      max_length=model_cfg.t5_max_length)
