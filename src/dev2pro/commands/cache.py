@@ -43,7 +43,8 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
-    from dev2pro.data.folders import DataConfig, scan_dataset
+    from dev2pro.data.config import DataConfig
+    from dev2pro.data.folders import scan_dataset
     from dev2pro.data.shards import write_shards
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.text_encoders import load_text_encoder

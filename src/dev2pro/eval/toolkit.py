@@ -42,7 +42,7 @@ def read_lora(path: Path):
 
     from safetensors.torch import load_file
 
-    from dev2pro.train.recipes.train_lora import lora_from_state
+    from dev2pro.train.lora_export import lora_from_state
 
     cfg = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
     alpha = cfg.get("lora", {}).get("alpha")
