@@ -92,16 +92,17 @@ def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def flow_micro_steps(accelerator, model, batches: Iterator[dict], train: TrainConfig, generator: torch.Generator, *,
-                     has_guidance: bool, guidance, condition=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     has_guidance: bool, guidance, condition=None, dist=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of the plain flow-matching objective over `train.grad_accum` micro-batches: draw noise and
     times, predict, per-sample loss, backward. `condition(fb) -> (txt, pooled)` swaps the text conditioning (caption
-    dropout in train-base). Returns the per-sample losses and times gathered over processes (for logging)."""
+    dropout in train-base); `dist` (`[distributed]`) tunes FSDP2's gradient sync. Returns the per-sample losses and
+    times gathered over processes (for logging)."""
     per_all, t_all = [], []
     for micro in range(train.grad_accum):
         latents, txt, pooled = batch_tensors(next(batches))
         fb = flow_batch(latents, txt, pooled, train, generator, accelerator, accelerator.device)
         c_txt, c_pooled = condition(fb) if condition is not None else (fb.txt, fb.pooled)
-        with accumulation_context(accelerator, model, micro == train.grad_accum - 1), accelerator.autocast():
+        with accumulation_context(accelerator, model, micro == train.grad_accum - 1, dist), accelerator.autocast():
             pred = forward_flux(model, has_guidance, fb.x_t, fb.t, c_txt, c_pooled, fb.img_ids, fb.txt_ids, guidance)
             per = flow.flow_loss(pred, fb.target, flow.loss_weight(fb.t, train.loss_weighting))
             accelerator.backward(per.mean() / train.grad_accum)
