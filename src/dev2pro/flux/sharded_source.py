@@ -1,11 +1,11 @@
 """A sharded training checkpoint (`checkpoint-<step>` of dedistill / distill / train-base) read as a transformer
 `Source`, one tensor at a time: what exports the final model and what `dev2pro convert checkpoint-<step> ...` reads.
 
-The folder is written by `torch.distributed.checkpoint` (DCP) through its safetensors storage
-(`HuggingFaceStorageWriter(save_distributed=True)`): each rank writes `shard-<rank+1>-model-00001-of-00001.safetensors`
-with the pieces of every tensor it owns, keyed `model.<name>`, `optim.<name>.<state>`, `ema.<name>`, and the header
-metadata `DCP_SHARDING_INFO` gives each piece's offset in the full tensor. `transformer_config.json` is the model's
-diffusers config. Nothing is pickled: the headers are JSON and are all that is parsed before a tensor is read.
+The folder is in the layout of `torch.distributed.checkpoint`'s (DCP) safetensors storage (written by
+`dev2pro.train.sharded.save_shards`): each rank writes `shard-<rank+1>-model-00001-of-00001.safetensors` with the
+pieces of every tensor it owns, keyed `model.<name>`, `optim.<name>.<state>`, `ema.<name>`, and the header metadata
+`DCP_SHARDING_INFO` gives each piece's offset in the full tensor. `transformer_config.json` is the model's diffusers
+config. Nothing is pickled: the headers are JSON and are all that is parsed before a tensor is read.
 
 Reading tensor `k` allocates it once and copies each piece (read with one `readinto`, no mmap) to its offset, so peak
 memory is one tensor group, never the model. `prefix` chooses which weights: `ema` when the run kept an EMA (what the

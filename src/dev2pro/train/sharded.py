@@ -2,9 +2,11 @@
 (DCP): model weights, AdamW state and EMA written by every rank as its own pieces, read back by every rank as the
 pieces it owns now (DCP re-slices, so N processes resume on M), and the final model exported by streaming from them.
 
-Storage is DCP's safetensors writer (`HuggingFaceStorageWriter(save_distributed=True)`): rank r writes
+Storage is the layout of DCP's safetensors storage (`HuggingFaceStorageWriter(save_distributed=True)`): rank r writes
 `shard-<r+1>-model-00001-of-00001.safetensors` holding its slices (keys `model.<name>`, `optim.<name>.<state>`,
-`ema.<name>`, offsets in the header), so nothing is pickled and every file is readable by `dev2pro.flux.sharded_source`.
+`ema.<name>`, offsets in the header's `DCP_SHARDING_INFO`), so nothing is pickled and every file is readable by
+`dev2pro.flux.sharded_source`. We write it ourselves, tensor by tensor (`save_shards`); DCP reads it back
+(`dcp.load` with `HuggingFaceStorageReader`), re-slicing for the current process layout.
 Only tensors are stored: AdamW's param groups (lr, betas, ...) are rebuilt from the config (the LR is a pure function of
 the step, `dev2pro.train.optim.set_lr`), the step counters are tensors.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dev2pro.flux.sharded_source import CONFIG_FILE, ShardedSource
+from dev2pro.flux.sharded_source import CONFIG_FILE, SHARDING_KEY, ShardedSource
 from dev2pro.train.config import OutputConfig
 from dev2pro.train.distributed import save_model, unwrap
 
@@ -62,13 +64,63 @@ def write_config(folder: Path, model) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
 
 
-def save_shards(path: Path, model, optimizer=None, ema=None, weights: bool = True) -> None:
-    """Every rank writes its slices of the model (and optimizer, EMA) into `path` (collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+def _flatten(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """DCP's flat keys: nested dict keys joined with '.' (`optim.<name>.exp_avg`)."""
+    flat = {}
+    for k, v in state.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        flat.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return flat
 
+
+def _my_slice(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int]] | None:
+    """(this rank's piece, its offset in the full tensor), or None when another rank writes it: a DTensor replica
+    is written by coordinate 0 of each replicated mesh dimension, a plain (replicated) tensor by rank 0."""
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(t, DTensor):
+        return (t, [0] * t.ndim) if rank == 0 else None
+    coord = t.device_mesh.get_coordinate()
+    if coord is None or any(isinstance(p, Replicate) and c != 0 for p, c in zip(t.placements, coord)):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = t.to_local()
+    if local.numel() == 0:
+        return None
+    return local.reshape(shape), list(offset)
+
+
+def save_shards(path: Path, model, optimizer=None, ema=None, weights: bool = True) -> None:
+    """Every rank writes its slices of the model (and optimizer, EMA) into `path/shard-<rank+1>-...safetensors`, in
+    the layout of DCP's safetensors storage (`DCP_SHARDING_INFO` offsets; read back by `HuggingFaceStorageReader`).
+    Written tensor by tensor after a header planned from the shapes (`StreamWriter`), so a save holds one tensor's
+    host copy at a time (torch's own writer keeps a copy of everything until the file is closed). Collective."""
+    import json
+
+    import torch.distributed as dist
+
+    from dev2pro.flux.safetensors_io import StreamWriter
+
+    rank = dist.get_rank() if not _no_dist() else 0
     state, _ = train_state(model, optimizer, ema, weights=weights)
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True), no_dist=_no_dist())
+    mine = {k: s for k, t in _flatten(state).items() if (s := _my_slice(t, rank)) is not None}
+    if mine:
+        path.mkdir(parents=True, exist_ok=True)
+        entries = [(k, t.dtype, tuple(t.shape)) for k, (t, _) in mine.items()]
+        info = {k: {"saved_offsets": off} for k, (_, off) in mine.items()}
+        writer = StreamWriter(path / f"shard-{rank + 1:05d}-model-00001-of-00001.safetensors", entries,
+                              {"format": "pt", SHARDING_KEY: json.dumps(info), "DCP_VERSION": "1.0"})
+        try:
+            for k, (t, _) in mine.items():
+                writer.write(k, t.detach())
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+    if not _no_dist():
+        dist.barrier()
 
 
 def load_shards(path: Path, model, optimizer, ema=None) -> None:
