@@ -144,40 +144,51 @@ def distill_target(v_uncond: torch.Tensor, v_cond: torch.Tensor, w: torch.Tensor
 def load_pair(cfg: DistillRecipeConfig, acc):
     """(frozen teacher, trainable student) on this process. Under FSDP2 both are loaded straight into their shards
     (`dev2pro.train.fsdp.load_for_training`; the student streamed from the teacher's file, `student_weights`), except
-    an fp8 teacher, kept whole (frozen, ~1 byte per weight). Otherwise the teacher is loaded whole on the CPU and the
-    student copied from it."""
+    an fp8 teacher, kept whole (frozen, ~1 byte per weight, read in bf16). Otherwise the teacher is loaded whole on
+    the CPU in fp32, the student copied from it, then the teacher is cast or quantized."""
     from dev2pro.flux.checkpoint import weight_stream
     from dev2pro.flux.models import has_guidance_embed
 
     teacher_ref = cfg.distill.teacher or cfg.model.base
     fp8 = cfg.distill.teacher_fp8 or cfg.model.dtype == "fp8"  # model.dtype: the frozen teacher's storage
     if uses_fsdp(acc, cfg.distributed):
-        if not fp8:
+        if fp8:  # whole on every rank: read in bf16, block linears stored in fp8 (per-tensor scales)
+            teacher = load_model(teacher_ref, "fp8", acc.device).requires_grad_(False).eval()
+            _fp32_rest(teacher, cfg.train)
+        else:
             dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
             teacher = load_for_training(teacher_ref, acc, cfg.distributed, cfg.train, dtype=dtype, trainable=False)
         spec, stream = weight_stream(cfg.model.base)
         if cfg.model.base == teacher_ref or not spec.guidance_embed:
             spec, stream = student_weights(spec, stream, cfg.distill.teacher_guidance)
-        student = load_for_training(cfg.model.base, acc, cfg.distributed, cfg.train, spec=spec, stream=stream)
-        if not fp8:
-            return teacher, student
+        return teacher, load_for_training(cfg.model.base, acc, cfg.distributed, cfg.train, spec=spec, stream=stream)
     teacher = load_model(teacher_ref, "fp32", "cpu")
-    if not uses_fsdp(acc, cfg.distributed):
-        if cfg.distill.teacher and cfg.distill.teacher != cfg.model.base:
-            init = load_model(cfg.model.base, "fp32", "cpu")
-            student = init if has_guidance_embed(init) else student_from_teacher(init, cfg.distill.teacher_guidance)
-            del init
-        else:
-            student = student_from_teacher(teacher, cfg.distill.teacher_guidance)
-        student = distribute(acc, student.to(acc.device).requires_grad_(True).train(), cfg.distributed, cfg.train)
+    if cfg.distill.teacher and cfg.distill.teacher != cfg.model.base:
+        init = load_model(cfg.model.base, "fp32", "cpu")
+        student = init if has_guidance_embed(init) else student_from_teacher(init, cfg.distill.teacher_guidance)
+        del init
+    else:
+        student = student_from_teacher(teacher, cfg.distill.teacher_guidance)
+    student = distribute(acc, student.to(acc.device).requires_grad_(True).train(), cfg.distributed, cfg.train)
     teacher.requires_grad_(False).eval()
-    if fp8:
+    if fp8 or cfg.model.dtype == "bf16":
+        teacher.to(torch.bfloat16)
+    if fp8:  # quantized from bf16, as `load_model(..., "fp8")` does under FSDP2: the same teacher either way
         from dev2pro.flux.fp8 import swap_linears_to_fp8
 
         swap_linears_to_fp8(teacher, scaling="tensor")
-    elif cfg.model.dtype == "bf16":
-        teacher.to(torch.bfloat16)
+        _fp32_rest(teacher, cfg.train)
     return teacher.to(acc.device), student
+
+
+@torch.no_grad()
+def _fp32_rest(teacher: torch.nn.Module, train) -> None:
+    """Without bf16 autocast an fp8 teacher computes in fp32: its bf16 weights (all but the fp8 block linears) are
+    upcast so every matmul sees one dtype."""
+    if train.mixed_precision == "no":
+        for p in teacher.parameters():
+            if p.dtype == torch.bfloat16:
+                p.data = p.data.float()
 
 
 def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
