@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import common, convert_rss, fp8_error, lora_memory, sampling_speed, train_step  # noqa: E402
+from bench import common, convert_rss, fp8_error, lora_memory, sampling_speed, sharded_rss, train_step  # noqa: E402
 
-BENCHES = [("a", train_step), ("b", lora_memory), ("c", fp8_error), ("d", convert_rss), ("e", sampling_speed)]
+BENCHES = [("a", train_step), ("b", lora_memory), ("c", fp8_error), ("d", convert_rss), ("e", sampling_speed),
+           ("f", sharded_rss)]
 
 GPU_NOTE = """## GPU: `bench/gpu_lora_step.py`
 

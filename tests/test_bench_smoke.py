@@ -175,6 +175,26 @@ def test_convert_rss_bound_is_goal_times_output_plus_baseline(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# bench f: sharded_rss
+
+
+def test_sharded_rss_bound_is_goal_times_shard_plus_two_groups(monkeypatch):
+    from bench import sharded_rss
+
+    rank = {"base": 400 * MiB, "load": 500 * MiB, "step": 800 * MiB, "save": 1000 * MiB, "export": 1000 * MiB}
+    r = {"baseline": 390 * MiB, "full": 600 * MiB, "model_fp32": 160 * MiB, "largest_group": 5 * MiB, "nproc": 2,
+         "file": 80 * MiB, "ranks": [{**rank, "rank": 0}, {**rank, "rank": 1, "load": 520 * MiB}]}
+    monkeypatch.setattr(sharded_rss, "measure", lambda preset, folder: r)
+    monkeypatch.setattr(sharded_rss, "one_thread", lambda: None)
+    text = sharded_rss.run(quick=True)
+    # bound 1.2 x 160 / 2 + 2 x 5 = 106 MiB; worst rank 120 MiB above its baseline: not met
+    assert "| rank 1/2: load into FSDP2 shards | 520 | 120 | 106 |" in text
+    assert "**Goal NOT met**: worst rank loads with 120 MiB above baseline vs bound 106 MiB" in text
+    r["ranks"][1]["load"] = 480 * MiB
+    assert "**Goal met**: worst rank loads with 100 MiB" in sharded_rss.run(quick=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # bench/run_all.py
 
 

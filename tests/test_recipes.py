@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dev2pro.errors import ConfigError
+from dev2pro.flux.checkpoint import load_transformer
 from dev2pro.flux.models import PRESETS, has_guidance_embed, image_ids, pack_latents, random_transformer, text_ids
 from dev2pro.train.config import EmaConfig, ModelConfig, MonitorConfig, OutputConfig, TrainConfig
 from dev2pro.train.data_loading import TrainData
@@ -54,7 +55,6 @@ def read_log(path):
 
 
 def test_train_base_loss_falls_and_writes_bfl_file(tmp_path):
-    from dev2pro.flux.checkpoint import load_transformer
     from dev2pro.train.recipes import train_base
 
     cfg = train_base.TrainBaseConfig(
@@ -137,11 +137,7 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
         model=ModelConfig(base="teacher"), train=train_cfg(40, lr=5e-4),
         output=OutputConfig(dir=str(tmp_path / "d"), name="student", dtype="fp32"),
         distill=distill.DistillSection(w_min=1.0, w_max=5.0))
-    saved = {}
-    monkeypatch.setattr("dev2pro.train.distributed.save_model",
-                        lambda model, path, output: saved.setdefault("m", model))
-    distill.run(cfg, data=data)
-    student = saved["m"]
+    student = load_transformer(distill.run(cfg, data=data))
     before = {w: cfg_error(start, w) for w in (2.3, 4.1)}
     after = {w: cfg_error(student, w) for w in (2.3, 4.1)}
     print(f"distill: CFG-target error before {before}, after {after}")
@@ -157,15 +153,12 @@ def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teache
     teacher = random_transformer(PRESETS["tiny-pro"], seed=1, std=0.1)
     reference = {k: v.clone() for k, v in teacher.state_dict().items()}
     monkeypatch.setattr(distill, "load_model", lambda ref, dtype, device: teacher)
-    saved = {}
-    monkeypatch.setattr("dev2pro.train.distributed.save_model",
-                        lambda model, path, output: saved.setdefault("m", model))
     cfg = distill.DistillRecipeConfig(
         model=ModelConfig(base="teacher"), train=train_cfg(2, lr=1e-12),
         output=OutputConfig(dir=str(tmp_path / "d"), dtype="fp32"), distill=distill.DistillSection(teacher_fp8=True))
-    distill.run(cfg, data=toy_data(8))
+    final = distill.run(cfg, data=toy_data(8))
     assert any(isinstance(m, Fp8Linear) for m in teacher.modules())
-    student = saved["m"].state_dict()
+    student = load_transformer(final).state_dict()
     for k, v in reference.items():  # copied before quantization (lr ~ 0: unchanged)
         torch.testing.assert_close(student[k], v, rtol=0, atol=1e-8)
 
@@ -175,7 +168,6 @@ def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teache
 
 
 def test_dedistill_loss_falls_guidance_fixed_ema_exported(tmp_path, monkeypatch):
-    from dev2pro.flux.checkpoint import load_transformer
     from dev2pro.train.recipes import dedistill
 
     seen = []
@@ -229,7 +221,10 @@ def test_dedistill_resume_with_ema_and_accumulation_is_bit_identical(tmp_path, m
     resumed = dedistill.run(cfg(tmp_path / "b"), resume=True, data=toy_data(16))
     a, b = load_file(str(full)), load_file(str(resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "ema::x_embedder.weight" in load_file(str(tmp_path / "b" / "checkpoint-4" / "extra.safetensors"))
+    # the EMA is in the DCP shards (one shard file for one process) and is what was exported
+    shards = load_file(str(tmp_path / "b" / "checkpoint-4" / "shard-00001-model-00001-of-00001.safetensors"))
+    assert torch.equal(shards["ema.x_embedder.weight"], b["img_in.weight"])
+    assert not torch.equal(shards["model.x_embedder.weight"], b["img_in.weight"])
 
 
 def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):

@@ -229,7 +229,7 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Comp
 # Intermediate checkpoints
 
 _STEP_RE = re.compile(r"checkpoint-(\d+)")
-_STATE_FILES = ("trainable", "optimizer", "rng-", "extra")  # dev2pro.train.checkpointing.save_checkpoint's files
+_STATE_FILES = ("trainable", "optimizer", "rng-", "extra", "shard-")  # dev2pro.train.checkpointing's files
 
 
 def _lora_file_in(folder: Path) -> Path:

@@ -24,8 +24,8 @@ from dev2pro.errors import CheckpointError
 from dev2pro.flux import fp8 as fp8lib
 from dev2pro.flux import keymap
 from dev2pro.flux.convert import DTYPES, MAX_SHARD_BYTES, check_dst, export
-from dev2pro.flux.describe import bfl_shapes, check_shapes, spec_from_bfl_shapes, spec_of
-from dev2pro.flux.models import PRESETS, FluxSpec, build_transformer, random_transformer
+from dev2pro.flux.describe import bfl_shapes, check_shapes, read_spec, spec_from_bfl_shapes, spec_of
+from dev2pro.flux.models import PRESETS, FluxSpec, build_transformer, iter_random_weights, random_transformer
 from dev2pro.flux.safetensors_io import numel
 from dev2pro.flux.sources import DictSource, Source, open_source, resolve_ref
 
@@ -151,20 +151,22 @@ def _dequant_piece(src, group, key, t, scale_key, compute):
 def save_transformer(model_or_state_dict, path, *, format: str = "bfl", dtype=None, scaling: str | None = None,
                      metadata: dict[str, str] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
                      spec: FluxSpec | None = None, progress: bool = False) -> Path:
-    """Save a transformer (model or state dict, diffusers or BFL keys; fp8 modules included) atomically as a BFL
-    single file (`format="bfl"`) or a diffusers folder (`"diffusers"`, sharded above `max_shard_bytes`).
+    """Save a transformer (model, state dict or `Source`; diffusers or BFL keys; fp8 modules included) atomically as
+    a BFL single file (`format="bfl"`) or a diffusers folder (`"diffusers"`, sharded above `max_shard_bytes`).
 
     `dtype`: None keeps each tensor's dtype; `torch.bfloat16`/`"bf16"`, ..., `"fp8_e4m3fn"` converts (fp8 applies to
     block linears only, see `fp8`). `scaling`: fp8 scaling none/tensor/channel (None: the model's own, else none).
     """
     path = Path(path)
-    if isinstance(model_or_state_dict, nn.Module):
-        sd = model_or_state_dict.state_dict()
+    if isinstance(model_or_state_dict, Source):  # e.g. a sharded training checkpoint, streamed
+        src = model_or_state_dict
+        spec = spec or spec_of(src)
+    elif isinstance(model_or_state_dict, nn.Module):
+        src = DictSource(model_or_state_dict.state_dict())
         if spec is None and hasattr(model_or_state_dict, "config"):
             spec = FluxSpec.from_diffusers_config(dict(model_or_state_dict.config))
     else:
-        sd = model_or_state_dict
-    src = DictSource(sd)
+        src = DictSource(model_or_state_dict)
     if spec is None:
         spec = spec_from_bfl_shapes(bfl_shapes(src), "state dict")
     check_shapes(src, spec)
@@ -172,6 +174,16 @@ def save_transformer(model_or_state_dict, path, *, format: str = "bfl", dtype=No
     export(src, path, format=format, dtype=dtype, scaling=scaling, metadata=metadata,
             max_shard_bytes=max_shard_bytes, progress=progress, spec=spec)
     return path
+
+
+def weight_stream(ref) -> tuple[FluxSpec, Iterable[tuple[str, torch.Tensor]]]:
+    """The architecture of `ref` (read from the header: nothing is allocated) and its weights as `(diffusers key,
+    tensor)` one group at a time (a seeded preset drawn tensor by tensor, as `random_transformer` would): for loading
+    a sharded model without ever holding the whole model in one process."""
+    if isinstance(ref, str) and ref.startswith("preset:"):
+        spec, seed = _parse_preset_ref(ref)
+        return spec, iter_random_weights(spec, seed, std=0.02)
+    return read_spec(resolve_ref(ref)), iter_state_dict(ref)
 
 
 def iter_state_dict(ref, *, space: str = "diffusers") -> Iterable[tuple[str, torch.Tensor]]:

@@ -144,17 +144,31 @@ def build_transformer(spec: FluxSpec, device: str | torch.device = "meta", dtype
     return model
 
 
+def _init_tensor(name: str, t: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    if name.endswith("bias"):
+        t.zero_()
+    elif t.ndim == 1:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, std, generator=generator)
+
+
 def init_weights(model: torch.nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Initialise a (materialised) model like a trained one: linear weights normal(0, std), biases zero, norm
     scales one. Used for random presets in tests, benchmarks and the toy world before training."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            _init_tensor(name, p, std, generator)
+
+
+def iter_random_weights(spec: FluxSpec, seed: int = 0, std: float = 0.02):
+    """`(name, tensor)` of `random_transformer(spec, seed, std)`, drawn one tensor at a time (same values): a seeded
+    preset loaded into a sharded model without materialising it whole."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in build_transformer(spec, device="meta").named_parameters():
+        t = torch.empty(p.shape)
+        _init_tensor(name, t, std, generator)
+        yield name, t
 
 
 def random_transformer(spec: FluxSpec, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):

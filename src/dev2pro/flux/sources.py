@@ -9,6 +9,7 @@ Formats read:
 - `fp8`: BFL keys with block weights in float8_e4m3fn (the published fp8 reposts);
 - `comfy-scaled-fp8`: ComfyUI's scaled fp8 (`scaled_fp8` marker tensor, per-layer fp32 scalar `scale_weight`);
 - `dev2pro-channel-fp8`: ours, per-output-row fp32 `scale_weight` and a `dev2pro_fp8_channel` marker (docs/formats.md);
+- `dcp-shards`: a sharded training checkpoint folder (`dev2pro.flux.sharded_source`);
 - `lora`: a LoRA file (described by `dev2pro.lora.describe.describe_lora`, not loadable as a transformer).
 
 A `Source` (`open_source(path)` for files and folders, `DictSource` for an in-memory state dict) strips prefixes, sets
@@ -180,6 +181,10 @@ def open_source(path) -> FileSource:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
+        from dev2pro.flux.sharded_source import ShardedSource, is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path):  # a training checkpoint-<step> folder (DCP shards)
+            return ShardedSource(path)
         d = diffusers_dir(path)
         if d is None:
             raise CheckpointError(f"{path}: not a diffusers transformer folder (needs config.json and "

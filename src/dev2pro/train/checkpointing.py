@@ -2,8 +2,11 @@
 RNG states (torch, numpy, python, the objective's generator; per rank), the data sampler's position, the resolved
 config and recipe extras (e.g. EMA weights). Everything is safetensors or JSON; no pickle anywhere.
 
-- The *full* (unsharded) state keyed by parameter name, through `torch.distributed.checkpoint.state_dict` (which also
-  gathers FSDP2 shards), so a checkpoint written by N processes resumes in M.
+- LoRA (train-lora): the *full* (unsharded) state keyed by parameter name, through
+  `torch.distributed.checkpoint.state_dict`, written by rank 0 (`trainable.safetensors`, `optimizer.safetensors`).
+- Full fine-tunes (`sharded=True`): DCP shards written and read by every rank, only its own slices
+  (`dev2pro.train.sharded`), plus `transformer_config.json`; per-rank files under `ranks/`.
+  Either way a checkpoint written by N processes resumes in M (the sampler's position is in global batches).
 - Written under a temporary name and renamed when complete (`state.json` last), so `checkpoint-<step>` folders are
   always whole; a full disk leaves the previous one intact and stops with one line.
 
@@ -30,6 +33,7 @@ from dev2pro.train.distributed import is_fsdp
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+RANKS_DIR = "ranks"  # per-rank RNG and sampler files of a sharded checkpoint (beside the DCP shard files)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -139,28 +143,38 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, generator: torch
 
 def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, generator: torch.Generator,
                     sampler=None, config_toml: str = "", extra_tensors: dict[str, torch.Tensor] | None = None,
-                    extra_state: dict | None = None, keep_last: int = 2) -> Path:
+                    extra_state: dict | None = None, keep_last: int = 2, sharded: bool = False, ema=None) -> Path:
     """Write `out_dir/checkpoint-<step>` atomically (temp folder, then rename) and delete all but the last
     `keep_last`. Holds trainable weights, optimizer state, RNG states (torch/numpy/python/generator, per rank),
     sampler state, step, the resolved config and recipe extras (e.g. EMA weights). Collective: call on every rank.
-    A full disk (OSError) leaves earlier checkpoints intact and raises one line."""
+    `sharded` (full fine-tunes): weights, optimizer and `ema` as DCP shards written by every rank
+    (`dev2pro.train.sharded`), the per-rank RNG and sampler files under `ranks/`; otherwise full tensors gathered to
+    rank 0 (small LoRA states). A full disk (OSError) leaves earlier checkpoints intact and raises one line."""
     from safetensors.torch import save_file
 
-    msd, osd = gather_train_state(model, optimizer)
+    if not sharded:
+        msd, osd = gather_train_state(model, optimizer)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     rank = accelerator.process_index
+    ranks = tmp / RANKS_DIR if sharded else tmp
     try:
         if accelerator.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            ranks.mkdir(parents=True)
         accelerator.wait_for_everyone()
         rng_t, rng_meta = rng_state(generator)
-        save_file(rng_t, str(tmp / f"rng-{rank}.safetensors"))
-        (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
-        (tmp / f"sampler-{rank}.json").write_text(json.dumps(sampler.state_dict() if sampler is not None else None))
-        if accelerator.is_main_process:
+        save_file(rng_t, str(ranks / f"rng-{rank}.safetensors"))
+        (ranks / f"rng-{rank}.json").write_text(json.dumps(rng_meta))
+        (ranks / f"sampler-{rank}.json").write_text(json.dumps(sampler.state_dict() if sampler is not None else None))
+        if sharded:
+            from dev2pro.train.sharded import save_shards, write_config
+
+            save_shards(tmp, model, optimizer, ema)
+            if accelerator.is_main_process:
+                write_config(tmp, model)
+        if accelerator.is_main_process and not sharded:
             save_file({k: v.detach().cpu().contiguous() for k, v in msd.items()}, str(tmp / "trainable.safetensors"))
             opt_t, opt_meta = _flatten_optim(osd)
             save_file(opt_t, str(tmp / "optimizer.safetensors"))
@@ -168,12 +182,13 @@ def save_checkpoint(out_dir: Path, step: int, accelerator, model, optimizer, *, 
             if extra_tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()},
                           str(tmp / "extra.safetensors"))
+        if accelerator.is_main_process:
             (tmp / "config.toml").write_text(config_toml)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"step": step, "world_size": accelerator.num_processes, "time": time.time(),
                      "distributed": ("fsdp2" if is_fsdp(model) else "ddp") if accelerator.num_processes > 1 else "none",
-                     **(extra_state or {})}
+                     "format": "dcp" if sharded else "full", "ema": ema is not None, **(extra_state or {})}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -199,29 +214,41 @@ class Resumed:
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, *, generator: torch.Generator,
-                    sampler=None) -> Resumed:
-    """Restore what `save_checkpoint` wrote into a freshly set-up model/optimizer (any number of processes). RNG
-    states are restored for this rank when the checkpoint has them; a rank that did not exist when it was written
-    gets rank 0's generator state (the objective's draws are global, see the module docstring)."""
+                    sampler=None, ema=None) -> Resumed:
+    """Restore what `save_checkpoint` wrote into a freshly set-up model/optimizer (any number of processes; a sharded
+    checkpoint is read slice by slice, the EMA into `ema`). RNG states are restored for this rank when the checkpoint
+    has them; a rank that did not exist when it was written gets rank 0's generator state (the objective's draws are
+    global, see the module docstring)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = json.loads((path / STATE_FILE).read_text())
-    msd = load_file(str(path / "trainable.safetensors"))
-    osd = _unflatten_optim(load_file(str(path / "optimizer.safetensors")),
-                           json.loads((path / "optimizer.json").read_text()))
-    for group, saved in zip(optimizer.param_groups, osd["param_groups"]):  # keys an optimizer adds on its first
-        for k, v in saved.items():  # step (Prodigy's d_denom, ...) must exist before torch maps the saved groups
-            if k != "params":
-                group.setdefault(k, v)
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_sd_options(strict=False))
+    sharded = state.get("format") == "dcp"
+    if sharded:
+        from dev2pro.train.sharded import load_shards
+
+        if state.get("ema") and ema is None or ema is not None and not state.get("ema"):
+            raise UserError(f"{path} was written with ema.enabled = {bool(state.get('ema'))}: resume with the same "
+                            "setting")
+        load_shards(path, model, optimizer, ema)
+    else:
+        msd = load_file(str(path / "trainable.safetensors"))
+        osd = _unflatten_optim(load_file(str(path / "optimizer.safetensors")),
+                               json.loads((path / "optimizer.json").read_text()))
+        for group, saved in zip(optimizer.param_groups, osd["param_groups"]):  # keys an optimizer adds on its first
+            for k, v in saved.items():  # step (Prodigy's d_denom, ...) must exist before torch maps the saved groups
+                if k != "params":
+                    group.setdefault(k, v)
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=_sd_options(strict=False))
+    ranks = path / RANKS_DIR if sharded else path
     rank = accelerator.process_index
-    rank_file = path / f"rng-{rank}.safetensors"
+    rank_file = ranks / f"rng-{rank}.safetensors"
     if not rank_file.exists():
-        rank, rank_file = 0, path / "rng-0.safetensors"
-    set_rng_state(load_file(str(rank_file)), json.loads((path / f"rng-{rank}.json").read_text()), generator)
+        rank, rank_file = 0, ranks / "rng-0.safetensors"
+    set_rng_state(load_file(str(rank_file)), json.loads((ranks / f"rng-{rank}.json").read_text()), generator)
     if sampler is not None:
-        sampler_state = json.loads((path / f"sampler-{rank}.json").read_text())
+        sampler_state = json.loads((ranks / f"sampler-{rank}.json").read_text())
         if sampler_state is not None:
             sampler.load_state_dict(sampler_state)
     extra = path / "extra.safetensors"

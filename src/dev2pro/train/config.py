@@ -231,6 +231,15 @@ class EmaConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     """`[distributed]`: how several processes share the work (ignored with one process). `ddp` replicates the model;
-    `fsdp2` shards parameters, gradients and optimizer state (accelerate's FSDP plugin, fsdp_version=2)."""
+    `fsdp2` shards parameters, gradients and optimizer state (accelerate's FSDP plugin, fsdp_version=2).
+    `replicate` (fsdp2): K > 1 = HSDP, shard within groups of processes/K (a node), replicate across the K groups.
+    `defer_reduce_scatter` (fsdp2): reduce gradients only at the last micro-step of `train.grad_accum` (less
+    communication, but unsharded gradients are held in between)."""
 
     strategy: Literal["ddp", "fsdp2"] = "ddp"
+    replicate: int = 1
+    defer_reduce_scatter: bool = False
+
+    def validate(self) -> None:
+        if self.replicate < 1:
+            raise ConfigError(f"distributed.replicate must be >= 1, got {self.replicate}")

@@ -1,13 +1,13 @@
 """Devices and processes: the `accelerate.Accelerator` of a run, spreading the model over processes (DDP or FSDP2),
-the per-rank slice of globally drawn tensors, and loading/saving/gathering the full model.
+the per-rank slice of globally drawn tensors, gradient sync over micro-steps, and loading/saving a full model.
 
 Multi-process equality: every random draw of the objective comes from ONE CPU generator identical on every rank; each
 step draws the tensors for the *global* batch (per-rank batch x world size) and each rank keeps its own slice
 (`global_draw`). So 2 processes with batch b see exactly the noise and times 1 process with batch 2b sees.
 
 Pitfalls: DDP wraps the model (`.module`, see `unwrap`) and hides `model.config`; FSDP2 replaces the parameters by
-sharded DTensors, so the optimizer is created after `distribute`, and exporting gathers the full weights on the main
-process (`full_model`, collective: call on every rank).
+sharded DTensors, so the optimizer is created after `distribute` (full fine-tunes load straight into the sharded
+model: `dev2pro.train.fsdp.load_for_training`; they are exported from DCP shards: `dev2pro.train.sharded`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from dev2pro.errors import ConfigError, UserError
 from dev2pro.train.config import DistributedConfig, ModelConfig, OutputConfig, TrainConfig
+from dev2pro.train.fsdp import shard
 
 OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 
@@ -45,9 +46,6 @@ def setup_accelerator(train: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
-FSDP_UNITS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")  # one FSDP2 unit per transformer block
-
-
 def unwrap(model):
     """The module under DDP (`.module`); FSDP2 and plain modules are returned as they are."""
     return getattr(model, "module", model)
@@ -70,27 +68,22 @@ def distribute(accelerator, model: torch.nn.Module, dist: DistributedConfig, tra
       and gradients reduce in fp32 (`MixedPrecisionPolicy`). This is the engine accelerate's FSDP plugin
       (fsdp_version=2) calls; we call it directly because accelerate enables FSDP on GPUs only, and the same code
       path then runs (and is tested) on CPU with gloo."""
+    if accelerator.num_processes == 1 or dist.strategy == "ddp":
+        return accelerator.prepare_model(model)
+    return shard(model, accelerator, dist, train)
+
+
+def accumulation_context(accelerator, model, last_micro_step: bool, dist: DistributedConfig | None = None):
+    """Gradient communication of one micro-step of an accumulated step: DDP skips its all-reduce on all but the last
+    (`no_sync`); FSDP2 skips HSDP's cross-replica all-reduce and, with `distributed.defer_reduce_scatter`, the
+    reduce-scatter too (`dev2pro.train.fsdp`). The accumulated gradient is the same either way (tested)."""
     if accelerator.num_processes == 1:
-        return accelerator.prepare_model(model)
-    if dist.strategy == "ddp":
-        return accelerator.prepare_model(model)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy()
-    if train.mixed_precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for module in model.modules():
-        if type(module).__name__ in FSDP_UNITS:
-            fully_shard(module, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def accumulation_context(accelerator, model, last_micro_step: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulated step (a pure speed-up: the
-    reduced gradient is the same). FSDP2 and single processes need nothing."""
-    ddp = accelerator.num_processes > 1 and not is_fsdp(model)
-    return accelerator.no_sync(model) if ddp and not last_micro_step else contextlib.nullcontext()
+        return contextlib.nullcontext()
+    if not is_fsdp(model):
+        return accelerator.no_sync(model) if not last_micro_step else contextlib.nullcontext()
+    model.set_requires_gradient_sync(last_micro_step or not (dist is not None and dist.defer_reduce_scatter))
+    model.set_requires_all_reduce(last_micro_step)  # after the line above, which sets both
+    return contextlib.nullcontext()
 
 
 def global_draw(accelerator, per_rank: int) -> tuple[int, slice]:
@@ -129,31 +122,3 @@ def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path
     save_transformer(model, path, format="bfl", dtype=OUTPUT_DTYPES[output.dtype],
                      scaling=output.scaling if fp8 else None)
     return path
-
-
-def full_model(accelerator, model) -> torch.nn.Module | None:
-    """The trained model as a plain module for export: the unwrapped module itself for one process or DDP;
-    under FSDP2 the full weights are gathered into a fresh CPU module on the main process (None elsewhere).
-    Collective: call on every rank."""
-    if not is_fsdp(model):
-        return unwrap(model) if accelerator.is_main_process else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from dev2pro.flux.models import FluxSpec, build_transformer
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not accelerator.is_main_process:
-        return None
-    plain = build_transformer(FluxSpec.from_diffusers_config(dict(unwrap(model).config)), device="meta")
-    plain.load_state_dict(sd, assign=True)
-    return plain
-
-
-def save_final_model(accelerator, model, out_dir: Path, output: OutputConfig, config_toml: str) -> Path:
-    """Write the trained full model (`<name>.safetensors`, BFL) and its resolved config from the main process."""
-    final = out_dir / f"{output.name}.safetensors"
-    plain = full_model(accelerator, model)
-    if plain is not None:
-        save_model(plain, final, output)
-        (out_dir / f"{output.name}.toml").write_text(config_toml)
-    return final

@@ -112,19 +112,19 @@ def guided_target(model, fb: FlowBatch, scale: float, uncond: tuple[torch.Tensor
 
 
 def flow_micro_steps(accelerator, model, batches: Iterator[dict], train: TrainConfig, generator: torch.Generator, *,
-                     has_guidance: bool, guidance, condition=None,
+                     has_guidance: bool, guidance, condition=None, dist=None,
                      uncond: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of the flow-matching objective over `train.grad_accum` micro-batches: draw noise and
     times, predict, per-sample loss, backward. `condition(fb) -> (txt, pooled)` swaps the text conditioning (caption
-    dropout in train-base). With `train.guidance_loss = s > 0` the target is `guided_target` (needs `uncond`, the
-    empty prompt's embeddings) and the guidance input is `s`. Returns the per-sample losses and times gathered over
-    processes (for logging)."""
+    dropout in train-base); `dist` (`[distributed]`) tunes FSDP2's gradient sync. With `train.guidance_loss = s > 0`
+    the target is `guided_target` (needs `uncond`, the empty prompt's embeddings) and the guidance input is `s`.
+    Returns the per-sample losses and times gathered over processes (for logging)."""
     per_all, t_all = [], []
     for micro in range(train.grad_accum):
         latents, txt, pooled = batch_tensors(next(batches))
         fb = flow_batch(latents, txt, pooled, train, generator, accelerator, accelerator.device)
         c_txt, c_pooled = condition(fb) if condition is not None else (fb.txt, fb.pooled)
-        with accumulation_context(accelerator, model, micro == train.grad_accum - 1), accelerator.autocast():
+        with accumulation_context(accelerator, model, micro == train.grad_accum - 1, dist), accelerator.autocast():
             target, g = fb.target, guidance
             if train.guidance_loss > 0:
                 if uncond is None:

@@ -1,4 +1,5 @@
-"""A run's output folder and logs: `output.dir` checked writable at start (one line, not a crash at the first save),
+"""A run's output folder and logs: `output.dir` checked writable at start (one line, not a crash at the first save)
+and, with several processes, shared by all of them (`check_shared_dir`),
 scalars to a CSV and TensorBoard from the main process (`RunLog`), the progress bar, and the end of a run.
 
 Pitfall: on resume the CSV drops the rows after the resumed step (and TensorBoard purges them), so the log is one
@@ -14,8 +15,9 @@ from pathlib import Path
 from dev2pro.errors import UserError
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create `output.dir` and check it is writable: one line at start instead of a crash at the first save."""
+def prepare_output_dir(path: str | Path, accelerator=None) -> Path:
+    """Create `output.dir` and check it is writable (and shared by all processes when `accelerator` is given): one
+    line at start instead of a crash or a hang at the first save."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -24,7 +26,38 @@ def prepare_output_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output.dir '{out}' is not writable ({e.strerror or e}); choose another output.dir") from None
+    if accelerator is not None:
+        check_shared_dir(out, accelerator)
     return out
+
+
+def check_shared_dir(out: Path, accelerator) -> None:
+    """With several processes: rank 0 writes a token file into `out`, the others look for it after a barrier. Sharded
+    checkpoints (every rank writes its shard into one folder that rank 0 then renames) and the final export (rank 0
+    reads every shard) need one folder all processes see; a node-local `output.dir` would otherwise hang or lose
+    shards at the first checkpoint. Collective."""
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+
+    import torch
+    import torch.distributed as dist
+
+    nonce = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    dist.broadcast_object_list(nonce, src=0)
+    token = out / f".shared-check-{nonce[0]}"
+    if accelerator.is_main_process:
+        token.write_text("written by process 0 to check that output.dir is shared\n")
+    accelerator.wait_for_everyone()
+    seen = accelerator.gather(torch.tensor([float(token.exists())], device=accelerator.device)).tolist()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        token.unlink(missing_ok=True)
+    missing = [r for r, v in enumerate(seen) if v == 0.0]
+    if missing:
+        raise UserError(f"output.dir '{out}' is not shared: process(es) {missing} do not see the file process 0 wrote "
+                        "there; set output.dir to a folder every node mounts (NFS, Lustre, a cloud file store), as "
+                        "checkpoints and the final export need one shared folder")
 
 
 class RunLog:

@@ -1,5 +1,6 @@
 """Training recipes: one linear file per method (setup, loop, save), built from the shared components in
-`dev2pro.train` (`config`, `distributed`, `data_loading`, `flow_step`, `optim`, `checkpointing`, `run_logs`, `ema`);
+`dev2pro.train` (`config`, `distributed`, `data_loading`, `flow_step`, `optim`, `checkpointing`, `run_logs`, `ema`,
+`fsdp`, `sharded`);
 nothing there owns a training loop or calls back into a recipe.
 
 - `train_lora`: a LoRA on a frozen base (bf16 or fp8), plain flow loss at a fixed guidance input.

@@ -25,17 +25,12 @@ from dev2pro.errors import ConfigError
 from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
 from dev2pro.train.config import DistributedConfig, ModelConfig, MonitorConfig, OutputConfig, SampleConfig, TrainConfig
 from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
-from dev2pro.train.distributed import (
-    distribute,
-    global_draw,
-    load_model,
-    require_fp32_weights,
-    save_final_model,
-    setup_accelerator,
-)
+from dev2pro.train.distributed import global_draw, require_fp32_weights, setup_accelerator, unwrap
 from dev2pro.train.flow_step import flow_micro_steps
+from dev2pro.train.fsdp import load_for_training
 from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
 from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
+from dev2pro.train.sharded import export_final
 
 
 @dataclass(frozen=True)
@@ -78,17 +73,15 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: TrainData | None = 
     # ---- setup
     require_fp32_weights(cfg.model)
     acc = setup_accelerator(cfg.train)
-    out = prepare_output_dir(cfg.output.dir)
+    out = prepare_output_dir(cfg.output.dir, acc)
     resume_from = find_resume(out, resume)
     data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model.base, "fp32", acc.device)
-    has_g = has_guidance_embed(model)
-    model.requires_grad_(True).train()
+    model = load_for_training(cfg.model.base, acc, cfg.distributed, cfg.train)
+    has_g = has_guidance_embed(unwrap(model))
     if cfg.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        unwrap(model).enable_gradient_checkpointing()
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    model = distribute(acc, model, cfg.distributed, cfg.train)
     opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
@@ -107,23 +100,24 @@ def run(cfg: TrainBaseConfig, *, resume: bool = False, data: TrainData | None = 
         per_g, t_g = flow_micro_steps(
             acc, model, batches, cfg.train, gen, has_guidance=has_g, guidance=cfg.train.guidance,
             condition=lambda fb: caption_dropout(fb.txt, fb.pooled, data.prompts[""], cfg.base.caption_dropout, gen,
-                                                 acc))
+                                                 acc), dist=cfg.distributed)
         finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
         done = step + 1
         if due(cfg.sample.every, done, cfg.train.steps):
             write_samples(acc, model, data, cfg.sample, out, done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
             save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
-                            config_toml=config_toml, keep_last=cfg.output.keep_last)
+                            config_toml=config_toml, keep_last=cfg.output.keep_last, sharded=True)
     bar.close()
 
     # ---- save
     if probe is not None:
         M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
+    last = None
     if cfg.output.save_every > 0:
-        save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
-                        config_toml=config_toml, keep_last=cfg.output.keep_last)
-    final = save_final_model(acc, model, out, cfg.output, config_toml)
+        last = save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
+                               config_toml=config_toml, keep_last=cfg.output.keep_last, sharded=True)
+    final = export_final(acc, model, out, cfg.output, config_toml, checkpoint=last)
     end_run(acc, log)
     return final
 

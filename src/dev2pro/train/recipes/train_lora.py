@@ -103,7 +103,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
 
     # ---- setup
     acc = setup_accelerator(cfg.train)
-    out = prepare_output_dir(cfg.output.dir)
+    out = prepare_output_dir(cfg.output.dir, acc)
     resume_from = find_resume(out, resume)
     data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
