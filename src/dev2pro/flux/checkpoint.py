@@ -141,7 +141,7 @@ def _dequant_piece(src, group, key, t, scale_key, compute):
     """An fp8 tensor kept plain in memory (bias, norm, or a linear we do not swap): dequantize with its scale."""
     if scale_key is None:
         return t.to(compute or torch.bfloat16)
-    scale = src._raw(scale_key)
+    scale = src.read(scale_key)
     if scale.numel() > 1:  # per-row scale: take this piece's rows
         scale = keymap.run_group(keymap.Group((scale_key,), group.outputs, group.op, group.sizes),
                                  {scale_key: scale})[key.rpartition(".")[0] + ".scale_weight"]

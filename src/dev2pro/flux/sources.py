@@ -27,6 +27,7 @@ from dev2pro.errors import CheckpointError
 from dev2pro.flux import fp8 as fp8lib
 from dev2pro.flux import keymap
 from dev2pro.flux.safetensors_io import SafetensorsFile, open_safetensors, refuse_pickle
+from dev2pro.flux.value_check import check_tensor
 
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI: its dtype is the fp8 type
 CHANNEL_FP8_MARKER = "dev2pro_fp8_channel"  # ours
@@ -92,12 +93,17 @@ class Source:
         return "channel" if any(len(s[1]) == 1 and s[1][0] > 1 for s in scales) else "tensor"
 
     def read(self, key: str, dequantize: bool = True) -> torch.Tensor:
-        """Tensor `key`; fp8 weights with a scale are dequantized to fp32 unless `dequantize=False`."""
-        t = self._raw(key)
+        """Tensor `key`; fp8 weights with a scale are dequantized to fp32 unless `dequantize=False`. Tensors read from
+        a file pass `value_check.check_tensor` (NaN, Inf, absurd values name the file and the tensor)."""
+        t = self._checked(key)
         sk = self.scale_key(key)
         if dequantize and self.is_fp8(key):
-            return fp8lib.dequantize(t, self._raw(sk) if sk else None, torch.float32)
+            return fp8lib.dequantize(t, self._checked(sk) if sk else None, torch.float32)
         return t
+
+    def _checked(self, key: str) -> torch.Tensor:
+        t = self._raw(key)
+        return t if self.path is None else check_tensor(t, self.name, key)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v[1] for k, v in self.infos.items()}
