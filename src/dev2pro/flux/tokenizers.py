@@ -3,8 +3,9 @@
 Where a tokenizer is looked for, in order: the folder the user named (`model.tokenizers`, `--tokenizers`), laid out
 as an HF snapshot of FLUX.1 (`tokenizer/` = CLIP, `tokenizer_2/` = T5; the two are told apart by folder, never
 guessed); `model.path` (the same layout); then the hub ids kohya sd-scripts uses by default
-(`openai/clip-vit-large-patch14`, `google/t5-v1_1-xxl`), which transformers finds in the local HF cache or downloads. When none works the error says
-exactly which key to set and what to put there, so an offline machine is one setting away from working.
+(`openai/clip-vit-large-patch14`, `google/t5-v1_1-xxl`), which transformers finds in the local HF cache or
+downloads. When none works the error says exactly which key to set and what to put there, so an offline machine is
+one setting away from working.
 
 The FLUX.1 snapshot tokenizers and the kohya defaults are the same vocabularies (CLIP BPE 49408 tokens, T5
 SentencePiece 32100 + 28 extra ids), so embeddings do not depend on which one was found.
