@@ -38,7 +38,7 @@ TINY = D.DemoPlan(n_base=8, n_style=8, reference_variants=2, dedistill_steps=2, 
 
 def test_demo_smoke_run_writes_report_grid_and_results(tmp_path):
     out = tmp_path / "demo"
-    toolkit = T.FluxToolkit(P.ModelsSection(device="cpu"), judge=_judge())
+    toolkit = T.FluxToolkit(P.ModelsSection(device="cpu", t5="toy", clip="toy", autoencoder="toy"), judge=_judge())
     res = D.run_demo(out, TINY, dev="preset:tiny-dev", toolkit=toolkit, log=lambda *_: None)
 
     for name in ("report.md", "results.json", "grid.png", "bars.png", "sweep.png", "curves.png", "demo.json"):

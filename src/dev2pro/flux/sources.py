@@ -248,9 +248,28 @@ def detect_format(path) -> str:
     return src.format
 
 
-def resolve_ref(ref) -> Path:
-    """`toy:NAME` (any registered provider, `dev2pro.flux.providers`) -> its model file; a path stays a path."""
+def resolve_ref(ref, download: bool = True) -> Path:
+    """`toy:NAME` (any registered provider, `dev2pro.flux.providers`) -> its model file; a hub id that is no local path
+    (`black-forest-labs/FLUX.1-dev`) -> its `transformer/` fetched with `huggingface_hub.snapshot_download` (HF cache;
+    not with `download=False`); a path stays a path."""
     from dev2pro.flux import providers
+    from dev2pro.flux.encoders import looks_like_hub_id
 
     found = providers.model_file(ref)
-    return found if found is not None else Path(ref)
+    if found is not None:
+        return found
+    path = Path(ref)
+    if download and not path.exists() and isinstance(ref, str) and looks_like_hub_id(ref):
+        return hub_snapshot(ref)
+    return path
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub repository's transformer (downloaded into the HF cache if needed)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["transformer/*", "model_index.json"]))
+    except Exception as e:  # hub errors: offline, gated, not found
+        raise CheckpointError(f"{repo_id}: no such local file or folder, and the hub gave no transformer/ for it "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None

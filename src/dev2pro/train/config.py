@@ -21,20 +21,62 @@ from dev2pro.errors import ConfigError
 class ModelConfig:
     """`[model]`: what to train and the encoders used to build the caches.
 
-    `base`: anything `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
-    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
-    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file, "fp8" =
-    block linears quantized on load, see `load_model`); the compute dtype is decided in one place,
-    `train.mixed_precision`.
+    `path`: one FLUX.1 folder (HF snapshot layout), full ComfyUI checkpoint or hub id that fills every part left
+    unset (`dev2pro.flux.model_folder.fill_from_path`); a single key overrides one part. `base`: anything
+    `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file, hub id,
+    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: single files (ComfyUI/kohya `t5xxl_fp16.safetensors`,
+    `clip_l.safetensors`, `ae.safetensors`), folders, hub ids or "toy" (only when named: an unset encoder is an
+    error when one is needed). `tokenizers`: a folder with `tokenizer/` + `tokenizer_2/` for single encoder files.
+    `adapter`: a LoRA merged into the base for training only (train-lora). `dtype`: storage of the frozen weights
+    ("auto" = as in the file, "fp8" = block linears quantized on load, see `load_model`); the compute dtype is
+    decided in one place, `train.mixed_precision`.
     """
 
-    base: str
-    t5: str = "toy"
-    clip: str = "toy"
-    autoencoder: str = "toy"
+    base: str | None = None
+    path: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    autoencoder: str | None = None
+    tokenizers: str | None = None
     adapter: str | None = None
     adapter_strength: float = 1.0
     dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+
+    def __post_init__(self):
+        if self.path:
+            from dev2pro.flux.model_folder import fill_from_path
+
+            parts = fill_from_path(self.path, base=self.base, t5=self.t5, clip=self.clip,
+                                   autoencoder=self.autoencoder, tokenizers=self.tokenizers)
+            for k, v in vars(parts).items():
+                object.__setattr__(self, k, v)
+
+    def validate(self) -> None:
+        if not self.base:
+            raise ConfigError("model.base is unset: set model.base (a Flux file or folder) or model.path (a FLUX.1 "
+                              "folder such as /models/FLUX.1-dev)")
+
+    def encoders(self) -> tuple[str, str, str]:
+        """(t5, clip, autoencoder), or ConfigError naming the first unset key: nothing falls back to the toy world."""
+        for key in ("t5", "clip", "autoencoder"):
+            if not getattr(self, key):
+                raise ConfigError(
+                    f"model.{key} is unset: set it ({_ENCODER_HINT[key]}; \"toy\" for the toy world) or set "
+                    f"model.path to a FLUX.1 folder holding all parts (e.g. /models/FLUX.1-dev)")
+        return self.t5, self.clip, self.autoencoder
+
+    def preflight(self) -> dict:
+        """Check the base, every encoder and the tokenizers from headers only, before any caching
+        (`dev2pro.flux.model_folder.preflight`)."""
+        from dev2pro.flux.model_folder import Parts, preflight
+
+        t5, clip, ae = self.encoders()
+        return preflight(Parts(self.base, t5, clip, ae, self.tokenizers), model_path=self.path)
+
+
+_ENCODER_HINT = {"t5": "a T5-XXL file such as t5xxl_fp16.safetensors, a folder or a hub id",
+                 "clip": "a CLIP-L file such as clip_l.safetensors, a folder or a hub id",
+                 "autoencoder": "the FLUX.1 ae.safetensors, a vae folder or a hub id"}
 
 
 @dataclass(frozen=True)

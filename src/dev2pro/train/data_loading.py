@@ -116,16 +116,16 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     from dev2pro.data.folders import scan_dataset
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
-    from dev2pro.flux.text_encoders import load_text_encoder
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_cfg.preflight()  # every path, the base's architecture and the encoders' widths, from headers: seconds
     if (Path(data_cfg.dir) / "dataset.json").is_file():
         return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
     with accelerator.main_process_first():
         autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
         index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
-        text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+        text_encoder = _text_encoder(model_cfg, device, enc_dtype)
         dataset = cache_mod.prepare_cache(index, autoencoder, text_encoder, device=device, dtype=enc_dtype,
                                           progress=accelerator.is_main_process)
     embeddings = encode_prompts(text_encoder, prompts)
@@ -149,10 +149,9 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     from dev2pro.errors import DataError
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
-    from dev2pro.flux.text_encoders import load_text_encoder
 
     info = read_info(data_cfg.dir)
-    text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype)
+    text_encoder = _text_encoder(model_cfg, device, enc_dtype)
     if text_encoder.identity != info["text"]:
         raise DataError(f"{data_cfg.dir}: the shards were encoded with text encoder {info['text']}, [model] t5/clip "
                         f"give {text_encoder.identity}: use the same encoders or rebuild the shards")
@@ -165,6 +164,13 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     probe = next(iter(ShardStream(data_cfg.dir, seed=0, batch_size=min(8, first["count"]), shuffle=False)))
     return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, shards=Path(data_cfg.dir),
                      probe_batch=probe, info={"dataset_size": info["items"], "resolution": info["resolution"]})
+
+
+def _text_encoder(model_cfg: ModelConfig, device, dtype):
+    from dev2pro.flux.text_encoders import load_text_encoder
+
+    return load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=dtype, tokenizers=model_cfg.tokenizers,
+                             model_path=model_cfg.path)
 
 
 def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, accelerator, train: TrainConfig,
