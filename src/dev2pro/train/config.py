@@ -29,7 +29,9 @@ class ModelConfig:
     error when one is needed). `tokenizers`: a folder with `tokenizer/` + `tokenizer_2/` for single encoder files.
     `adapter`: a LoRA merged into the base for training only (train-lora). `dtype`: storage of the frozen weights
     ("auto" = as in the file, "fp8" = block linears quantized on load, see `load_model`); the compute dtype is
-    decided in one place, `train.mixed_precision`.
+    decided in one place, `train.mixed_precision`. `kind`: how sample images are made when `[sample]` leaves `cfg`
+    unset (`dev2pro.flux.sampling.sample_mode`): "distilled" (dev: embedded guidance), "dedistilled" (true CFG), or
+    "auto" (the base file's `dev2pro.base_kind` marker, else dev-style for a base with a guidance embedding).
     """
 
     base: str | None = None
@@ -41,6 +43,13 @@ class ModelConfig:
     adapter: str | None = None
     adapter_strength: float = 1.0
     dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    kind: Literal["auto", "distilled", "dedistilled"] = "auto"
+
+    def base_kind(self) -> str | None:
+        """`kind`, or for "auto" the `dev2pro.base_kind` the base file carries (None: decided from the model)."""
+        from dev2pro.flux.sampling import base_kind_of
+
+        return self.kind if self.kind != "auto" else base_kind_of(self.base) if self.base else None
 
     def __post_init__(self):
         if self.path:
@@ -177,15 +186,16 @@ def _check_output(o) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
-    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.flux.sampling`); `cfg` != 1
-    runs true CFG with `negative`."""
+    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG); `cfg` != 1 runs true CFG with
+    `negative`; `cfg` unset fits the base (`dev2pro.flux.sampling.sample_mode`, `model.kind`): one pass at
+    embedded 3.5 on dev, true CFG 3.5 on a de-distilled base."""
 
     every: int = 0
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     steps: int = 20
     guidance: float | None = None
-    cfg: float = 1.0
+    cfg: float | None = None
     negative: str = ""
     width: int = 512
     height: int = 512

@@ -181,15 +181,17 @@ def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, acc
             raise ConfigError("missing [data] table (data.dir = folder of images with .txt captions)")
         prompts = [*sample.prompts, sample.negative] if sample.every > 0 else []
         data = load_train_data(data_cfg, model_cfg, accelerator, prompts, keep_autoencoder=sample.every > 0)
+    data.info.setdefault("base_kind", model_cfg.base_kind())  # how samples are made (`write_samples`)
     return data.bind(accelerator, train.batch_size, train.seed)
 
 
 def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out_dir: Path, step: int) -> Path | None:
     """A grid of `sample.prompts` x `sample.seeds` (one row per prompt) from the model as it is now, written to
     `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
-    encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
+    encoders were freed), images are decoded with `data.autoencoder`. Guidance and CFG left unset fit the base
+    (`sampling.sample_mode` with `data.info["base_kind"]`). Under FSDP2 every rank takes part in the
     forward passes; otherwise only the main process samples."""
-    from dev2pro.flux.sampling import generate, save_grid
+    from dev2pro.flux.sampling import generate, sample_mode, save_grid
 
     if not sample.prompts:
         return None
@@ -198,10 +200,11 @@ def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out
         accelerator.wait_for_everyone()
         return None
     net = model if fsdp else unwrap(model)
+    guidance, cfg = sample_mode(net, sample.guidance, sample.cfg, data.info.get("base_kind"))
     with accelerator.autocast():
         images = generate(net, data.autoencoder, data.prompts, list(sample.prompts), negative=sample.negative,
-                          height=sample.height, width=sample.width, steps=sample.steps, guidance=sample.guidance,
-                          cfg=sample.cfg, seeds=list(sample.seeds), progress=False)
+                          height=sample.height, width=sample.width, steps=sample.steps, guidance=guidance,
+                          cfg=cfg, seeds=list(sample.seeds), progress=False)
     path = out_dir / "samples" / f"step-{step:06d}.png"
     if accelerator.is_main_process:
         save_grid(images, path, ncols=len(sample.seeds))

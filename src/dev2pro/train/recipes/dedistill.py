@@ -24,6 +24,7 @@ import torch
 from dev2pro.config import dump_toml
 from dev2pro.data.folders import DataConfig
 from dev2pro.errors import ConfigError
+from dev2pro.flux.sampling import BASE_KIND_KEY
 from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
 from dev2pro.train.config import (
     DistributedConfig,
@@ -124,6 +125,7 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: TrainData | None = 
         checkpoint(cfg.train.steps)
     if ema is not None:
         ema.copy_to(dict(unwrap(model).named_parameters()))
-    final = save_final_model(acc, model, out, cfg.output, config_toml)
+    final = save_final_model(acc, model, out, cfg.output, config_toml,
+                             metadata={BASE_KIND_KEY: "dedistilled"})
     end_run(acc, log)
     return final
