@@ -62,7 +62,7 @@ def test_one_path_fills_every_part_and_a_key_overrides_one(snapshot, tmp_path):
     with pytest.raises(ConfigError, match=r"has no text_encoder_2/ \(T5\): set model.t5"):
         ModelConfig(path=str(tmp_path / "partial"))
     with pytest.raises(ConfigError, match="model.path = .*nowhere: no such folder or file"):
-        ModelConfig(path=str(tmp_path / "nowhere"))
+        ModelConfig(path=str(tmp_path / "nowhere")).preflight()
 
 
 def test_train_lora_from_one_folder(snapshot, tmp_path):

@@ -9,6 +9,8 @@
   each part the file holds.
 - a hub id (`black-forest-labs/FLUX.1-dev`): every part is that id (loaders use its subfolders; the transformer is
   fetched with `huggingface_hub.snapshot_download`, see `dev2pro.flux.sources.resolve_ref`).
+- a path that does not exist: every part is that path, so a config with placeholder paths still loads (and its
+  resolved form round-trips); `preflight` then fails on `model.path` before any work.
 
 `preflight` reads headers and config.json files only (seconds, no weights): the base's architecture, the width of
 T5 against the base's `context_in_dim` (4096 for FLUX.1), CLIP's against `vec_in_dim` (768), the autoencoder's latent
@@ -57,11 +59,8 @@ def fill_from_path(path: str | None, **given: str | None) -> Parts:
                                   f"({WHAT[k]}): set model.{k} to {WHAT[k]}'s file or folder")
     elif p.is_file():
         found = _checkpoint_parts(p)
-    elif looks_like_hub_id(str(path)):
+    else:  # a hub id, or a path not there (yet): every part is the reference; `preflight` says which
         found = dict.fromkeys(PARTS, str(path))
-    else:
-        raise ConfigError(f"model.path = {path}: no such folder or file (give a FLUX.1 folder as downloaded from the "
-                          "hub, a full ComfyUI checkpoint, or a hub id)")
     return Parts(**{k: given[k] if given[k] is not None else found.get(k) for k in PARTS})
 
 
@@ -174,6 +173,9 @@ def base_spec(ref: str, key: str = "model.base"):
 def preflight(parts: Parts, model_path: str | None = None) -> dict[str, int | None]:
     """Check every part of `parts` that is set (existence, architecture, widths against the base, tokenizers of single
     encoder files) from headers only; ConfigError naming the key on the first problem. Returns what was read."""
+    if model_path and not Path(model_path).expanduser().exists() and not looks_like_hub_id(str(model_path)):
+        raise ConfigError(f"model.path = {model_path}: no such folder or file (give a FLUX.1 folder as downloaded "
+                          "from the hub, a full ComfyUI checkpoint, or a hub id)")
     spec = base_spec(parts.base) if parts.base else None
     seen = {"t5": text_width("t5", parts.t5, "model.t5") if parts.t5 else None,
             "clip": text_width("clip", parts.clip, "model.clip") if parts.clip else None,
