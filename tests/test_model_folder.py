@@ -57,6 +57,11 @@ def test_one_path_fills_every_part_and_a_key_overrides_one(snapshot, tmp_path):
     m = load_config(ModelConfig, cfg, [f"t5={root / 't5xxl_fp16.safetensors'}"])
     assert m.t5 == str(root / "t5xxl_fp16.safetensors") and m.clip == str(snap)
     assert m.preflight() == {"context_in_dim": 64, "vec_in_dim": 128, "latent_channels": 16}
+    # the ComfyUI way: every part from its own file, a placeholder model.path left in the config is unused
+    m = ModelConfig(path="/placeholder/FLUX.1-dev", base=str(snap / "transformer"),
+                    t5=str(root / "t5xxl_fp16.safetensors"), clip=str(root / "clip_l.safetensors"),
+                    autoencoder=str(snap / "vae"), tokenizers=str(snap))
+    assert m.preflight()["context_in_dim"] == 64
     # a folder lacking a part names the key to set
     (tmp_path / "partial" / "transformer").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"has no text_encoder_2/ \(T5\): set model.t5"):

@@ -22,7 +22,7 @@ others take head dim 64 (true of every OpenAI/OpenCLIP text tower). The pooled o
 token, so the loader is given the tokenizer's EOS id.
 
 fp8 T5 stays fp8 in memory (`fp8="keep"`): its linears become `dev2pro.flux.fp8.Fp8Linear` (dequantized per layer,
-per call, in the compute dtype), so T5-XXL needs ~5.7 GB instead of 9.5 GB in bf16, which is what lets caching run on
+per call, in the compute dtype), so T5-XXL needs 5.9 GB instead of 9.5 GB in bf16, which is what lets caching run on
 a 16 GB GPU with 32 GB RAM. Exception: the feed-forward output `wo` is dequantized, because transformers' T5 casts
 the hidden states to `wo.weight.dtype` before it (an fp8 cast would destroy them). CLIP (123M parameters) is always
 dequantized. Every tensor passes `dev2pro.flux.value_check` as it is read.

@@ -9,8 +9,9 @@
   each part the file holds.
 - a hub id (`black-forest-labs/FLUX.1-dev`): every part is that id (loaders use its subfolders; the transformer is
   fetched with `huggingface_hub.snapshot_download`, see `dev2pro.flux.sources.resolve_ref`).
-- a path that does not exist: every part is that path, so a config with placeholder paths still loads (and its
-  resolved form round-trips); `preflight` then fails on `model.path` before any work.
+- a path that does not exist: the parts it would give are that path, so a config with placeholder paths still
+  loads (and its resolved form round-trips); `preflight` fails on `model.path` if any part is still taken from it
+  (when every part is given by its own key the placeholder is simply unused).
 
 `preflight` reads headers and config.json files only (seconds, no weights): the base's architecture, the width of
 T5 against the base's `context_in_dim` (4096 for FLUX.1), CLIP's against `vec_in_dim` (768), the autoencoder's latent
@@ -59,8 +60,10 @@ def fill_from_path(path: str | None, **given: str | None) -> Parts:
                                   f"({WHAT[k]}): set model.{k} to {WHAT[k]}'s file or folder")
     elif p.is_file():
         found = _checkpoint_parts(p)
-    else:  # a hub id, or a path not there (yet): every part is the reference; `preflight` says which
+    elif looks_like_hub_id(str(path)):
         found = dict.fromkeys(PARTS, str(path))
+    else:  # not there (yet): the parts it would give are the path itself; `preflight` fails if one is used
+        found = dict.fromkeys(PARTS[:-1], str(path))
     return Parts(**{k: given[k] if given[k] is not None else found.get(k) for k in PARTS})
 
 
@@ -173,7 +176,8 @@ def base_spec(ref: str, key: str = "model.base"):
 def preflight(parts: Parts, model_path: str | None = None) -> dict[str, int | None]:
     """Check every part of `parts` that is set (existence, architecture, widths against the base, tokenizers of single
     encoder files) from headers only; ConfigError naming the key on the first problem. Returns what was read."""
-    if model_path and not Path(model_path).expanduser().exists() and not looks_like_hub_id(str(model_path)):
+    used = model_path and any(getattr(parts, k) == str(model_path) for k in PARTS)
+    if used and not Path(model_path).expanduser().exists() and not looks_like_hub_id(str(model_path)):
         raise ConfigError(f"model.path = {model_path}: no such folder or file (give a FLUX.1 folder as downloaded "
                           "from the hub, a full ComfyUI checkpoint, or a hub id)")
     spec = base_spec(parts.base) if parts.base else None
