@@ -138,7 +138,7 @@ def test_distill_student_approaches_teacher_cfg_at_held_out_w(tmp_path, monkeypa
         distill=distill.DistillSection(w_min=1.0, w_max=5.0))
     saved = {}
     monkeypatch.setattr("dev2pro.train.distributed.save_model",
-                        lambda model, path, output: saved.setdefault("m", model))
+                        lambda model, path, output, *_: saved.setdefault("m", model))
     distill.run(cfg, data=data)
     student = saved["m"]
     before = {w: cfg_error(start, w) for w in (2.3, 4.1)}
@@ -158,7 +158,7 @@ def test_distill_with_fp8_teacher_runs_and_starts_from_the_full_precision_teache
     monkeypatch.setattr(distill, "load_model", lambda ref, dtype, device: teacher)
     saved = {}
     monkeypatch.setattr("dev2pro.train.distributed.save_model",
-                        lambda model, path, output: saved.setdefault("m", model))
+                        lambda model, path, output, *_: saved.setdefault("m", model))
     cfg = distill.DistillRecipeConfig(
         model=ModelConfig(base="teacher"), train=train_cfg(2, lr=1e-12),
         output=OutputConfig(dir=str(tmp_path / "d"), dtype="fp32"), distill=distill.DistillSection(teacher_fp8=True))
