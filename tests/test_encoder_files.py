@@ -4,6 +4,7 @@ transformers models they were written from; tokenizers are found or the error sa
 import pytest
 import torch
 
+from dev2pro.commands.inspect_cmd import describe
 from dev2pro.errors import CheckpointError, UserError
 from dev2pro.flux import encoder_files
 from dev2pro.flux.fp8 import Fp8Linear, relative_rms
@@ -67,6 +68,7 @@ def test_full_comfyui_checkpoint_bf16_holds_both_encoders(world):
                "model.diffusion_model.img_in.weight": torch.zeros(4, 4)}
     ckpt = write(d / "flux1-dev-full.safetensors", tensors)
     assert encoder_files.encoder_kinds(ckpt) == ["clip", "t5"]
+    assert "encoder:    CLIP: " in describe(ckpt) and "encoder:    T5: " in describe(ckpt)
     _, (txt, pooled) = encode_files(world, ckpt, ckpt)
     ref_txt, ref_pooled = reference(
         world, dequantized_copy(clip, clip_file_dict(clip, torch.bfloat16, "p."), "p."),
@@ -86,6 +88,9 @@ def test_fp8_t5_stays_fp8_and_matches(world, kind):
     # every block linear but the feed-forward outputs (wo) stays fp8: 2 layers x (q, k, v, o, wi_0, wi_1)
     assert len(fp8_linears) == 12 and all(m.weight.dtype == torch.float8_e4m3fn for m in fp8_linears)
     assert all(m.scaling == ("tensor" if kind == "scaled" else "none") for m in fp8_linears)
+    shown = describe(t5_f)  # `dev2pro inspect`
+    assert "T5: size not among the known ones (d_model 64, 2 layers, 4 heads of 16, d_ff 96" in shown
+    assert ("fp8: scaled (ComfyUI scale_weight)" if kind == "scaled" else "fp8: plain cast") in shown
     # same numbers as the transformers models holding the dequantized file values ...
     clip_ref = dequantized_copy(clip, {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v
                                        for k, v in clip_file_dict(clip, torch.float32).items()})

@@ -117,14 +117,15 @@ def main(args) -> int:
     from dev2pro.flux import sampling
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.checkpoint import load_transformer
-    from dev2pro.flux.encoders import free
+    from dev2pro.flux.encoders import free, looks_like_hub_id
     from dev2pro.flux.text_encoders import load_text_encoder
     from dev2pro.lora.apply import apply_loras, parse_lora_arg
 
     prompts = read_prompts(args)
-    if not args.base.startswith(("preset:", "toy:")) and not Path(args.base).exists():
-        raise UserError(f"base model '{args.base}' not found (a .safetensors file, a diffusers folder, preset:NAME "
-                        "or toy:NAME)")
+    if not args.base.startswith(("preset:", "toy:")) and not Path(args.base).exists() and not looks_like_hub_id(
+            args.base):
+        raise UserError(f"base model '{args.base}' not found (a .safetensors file, a diffusers folder, a hub id, "
+                        "preset:NAME or toy:NAME)")
     loras = [parse_lora_arg(a) for a in args.lora]
     for path, _ in loras:
         if not Path(path).is_file():

@@ -257,3 +257,35 @@ def _load_embedding(model, enc: EncoderFile, emb: str, dtype, device) -> None:
     param = nn.Parameter(t.to(dtype).to(device), requires_grad=False)
     model.shared.weight = param
     model.encoder.embed_tokens.weight = param
+
+
+def describe_encoder_file(path) -> str:
+    """What `dev2pro inspect` shows for a text-encoder file: each encoder it holds, its architecture and storage."""
+    from collections import Counter
+
+    from dev2pro.flux.safetensors_io import read_header
+
+    lines = [f"file:       {path}"]
+    for kind in encoder_kinds(path):
+        enc = open_encoder_file(path, kind)
+        try:
+            if kind == "t5":
+                cfg, name = t5_config(enc)
+                arch = (f"d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads of {cfg.d_kv}, "
+                        f"d_ff {cfg.d_ff}, vocabulary {cfg.vocab_size}")
+            else:
+                cfg, name = clip_config(enc)
+                arch = (f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
+                        f"vocabulary {cfg.vocab_size}, {cfg.max_position_embeddings} positions")
+            dtypes = Counter(str(d).removeprefix("torch.") for d in enc.dtypes.values())
+            scaled = any(k.endswith(".scale_weight") for k in enc.keys)
+            fp8 = "scaled (ComfyUI scale_weight)" if scaled else "plain cast" if any(
+                d in FP8 for d in enc.dtypes.values()) else "no"
+            lines += [f"encoder:    {kind.upper()}: {name or 'size not among the known ones'} ({arch})",
+                      "  dtypes:   " + ", ".join(f"{k} x {v}" for k, v in dtypes.most_common()) + f"; fp8: {fp8}"]
+        finally:
+            enc.close()
+    lines.append("tokenizer:  none in the file: model.tokenizers / --tokenizers, model.path, or the hub defaults")
+    size = read_header(path).size
+    lines.append(f"size:       {size / 1e9:.3f} GB" if size >= 1e8 else f"size:       {size / 1e6:.2f} MB")
+    return "\n".join(lines)
