@@ -39,6 +39,7 @@ from torch import nn
 
 from dev2pro.errors import CheckpointError
 from dev2pro.flux import fp8 as fp8lib
+from dev2pro.flux.checkpoint import set_tensor
 from dev2pro.flux.safetensors_io import SafetensorsFile, open_safetensors
 from dev2pro.flux.value_check import check_tensor
 
@@ -158,24 +159,6 @@ def t5_config(enc: EncoderFile):
     return cfg, KNOWN_T5.get((vocab, d_model, layers))
 
 
-def _assign(model: nn.Module, key: str, t: torch.Tensor, enc: EncoderFile) -> None:
-    mpath, _, pname = key.rpartition(".")
-    try:
-        module = model.get_submodule(mpath)
-    except AttributeError:
-        raise CheckpointError(f"{enc.path}: unexpected {enc.kind.upper()} tensor '{enc.keys[key]}'") from None
-    old = module._parameters.get(pname) if pname in module._parameters else module._buffers.get(pname)
-    if pname not in module._parameters and pname not in module._buffers:
-        raise CheckpointError(f"{enc.path}: unexpected {enc.kind.upper()} tensor '{enc.keys[key]}'")
-    if old is not None and not isinstance(module, fp8lib.Fp8Linear) and tuple(old.shape) != tuple(t.shape):
-        raise CheckpointError(f"{enc.path}: '{enc.keys[key]}' has shape {list(t.shape)}, a {enc.kind.upper()} with "
-                              f"the other tensors' sizes needs {list(old.shape)}")
-    if pname in module._parameters:
-        module._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    else:
-        module._buffers[pname] = t
-
-
 def _load(model: nn.Module, enc: EncoderFile, dtype: torch.dtype, device, keep_fp8: set[str]) -> nn.Module:
     """Assign every tensor of `enc` into `model` (built on meta); linears in `keep_fp8` become `Fp8Linear`."""
     for mpath in keep_fp8:
@@ -197,7 +180,7 @@ def _load(model: nn.Module, enc: EncoderFile, dtype: torch.dtype, device, keep_f
             t = fp8lib.dequantize(t, enc.read(sk) if sk in enc.keys else None, torch.float32)
         if t.is_floating_point():
             t = t.to(dtype)
-        _assign(model, key, t.to(device), enc)
+        set_tensor(model, key, t.to(device), str(enc.path))
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{enc.path}: {enc.kind.upper()} tensors missing: {', '.join(left[:3])}"

@@ -156,12 +156,12 @@ def latent_channels(ref: str, key: str = "model.autoencoder") -> int | None:
 
 def base_spec(ref: str, key: str = "model.base"):
     """The `FluxSpec` of a base reference from its header (None for a hub id)."""
-    from dev2pro.flux.checkpoint import _parse_preset_ref
+    from dev2pro.flux.checkpoint import parse_preset_ref
     from dev2pro.flux.describe import read_spec
     from dev2pro.flux.sources import resolve_ref
 
     if ref.startswith("preset:"):
-        return _parse_preset_ref(ref)[0]
+        return parse_preset_ref(ref)[0]
     path = resolve_ref(ref, download=False)
     if not path.exists():
         if looks_like_hub_id(ref):
