@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dev2pro.data.cache import BucketBatchSampler, cache_path, collate, missing_items, prepare_cache, variant_params
-from dev2pro.data.folders import DataConfig, load_image, scan_dataset
+from dev2pro.data.config import DataConfig
+from dev2pro.data.folders import load_image, scan_dataset
 from dev2pro.errors import DataError
 
 
@@ -111,7 +112,7 @@ def test_corrupted_cache_files_recomputed(tmp_path):
     good = ds[0]["latents"].clone()
     lat = ds.entries[ds.order[0]].latent_paths[0]
     lat.write_bytes(lat.read_bytes()[:-7])  # truncated
-    tp = ds.entries[ds.order[1]].text_path
+    tp = ds.entries[ds.order[1]].text_paths[0]
     tp.write_bytes(b"garbage")
     ae, text = FakeAE(), FakeText()
     ds2 = prepare_cache(index, ae, text, cache, progress=False)

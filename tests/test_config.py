@@ -32,8 +32,8 @@ def test_defaults_and_overrides_are_typed():
 @pytest.mark.parametrize(
     "data,overrides,needle",
     [
-        ({"train": {"stesp": 5}}, [], "unknown key 'train.stesp' (did you mean 'steps'?)"),
-        ({"trian": {}}, [], "unknown key 'trian'"),
+        ({"train": {"stesp": 5}}, [], "train.stesp: unknown key (did you mean 'steps'?)"),
+        ({"trian": {}}, [], "trian: unknown key"),
         ({}, ["train.steps=ten"], "train.steps: expected an integer, got 'ten'"),
         ({}, ["train.steps=1.5"], "train.steps: expected an integer"),
         ({}, ["train.schedule=linear"], "expected one of 'constant', 'cosine'"),

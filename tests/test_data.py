@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from dev2pro.config import load_config
+from dev2pro.data.config import DataConfig
 from dev2pro.data.folders import (
-    DataConfig,
     DataItem,
     apply_trigger,
     bucket_limits,

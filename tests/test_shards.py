@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dev2pro.cli import main as cli_main
-from dev2pro.data.folders import DataConfig, load_image, scan_dataset
+from dev2pro.data.config import DataConfig
+from dev2pro.data.folders import load_image, scan_dataset
 from dev2pro.data.shards import ShardStream, plan_shards, read_info, write_shards
 from dev2pro.errors import DataError
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import tomllib
 import types
 import typing
@@ -24,7 +25,14 @@ T = TypeVar("T")
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    if typing.get_origin(tp) in (tuple, list):
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp) or getattr(
+        tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -41,6 +49,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tables = [a for a in args if dataclasses.is_dataclass(a) or typing.get_origin(a) is dict]
+        if isinstance(value, dict) and len(tables) == 1:  # descend, so the error names the key inside the table
+            return _coerce(value, tables[0], where)
+        lists = [a for a in args if typing.get_origin(a) in (tuple, list)]
+        if isinstance(value, (list, tuple)) and len(lists) == 1:
+            return _coerce(value, lists[0], where)
         for a in args:
             if a is type(None):
                 continue
@@ -92,7 +106,7 @@ def _build(cls: type[T], data: dict, where: str = "") -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown key '{path}'" + _suggest(key, list(fields)))
+            raise ConfigError(f"{path}: unknown key" + _suggest(key, list(fields)))
         kwargs[key] = _coerce(value, hints[key], path)
     missing = [
         n
@@ -103,8 +117,8 @@ def _build(cls: type[T], data: dict, where: str = "") -> T:
         raise ConfigError(f"missing required key '{(where + '.') if where else ''}{missing[0]}'")
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    if callable(validate):  # a validate(where) names keys by their full path (tables inside lists)
+        validate(where) if inspect.signature(validate).parameters else validate()
     return obj
 
 
@@ -176,7 +190,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     import torch
 
-    from dev2pro.data.folders import DataConfig, scan_dataset
+    from dev2pro.data.config import DataConfig
+    from dev2pro.data.folders import scan_dataset
     from dev2pro.data.shards import write_shards
     from dev2pro.errors import ConfigError
     from dev2pro.flux.autoencoder import load_autoencoder

@@ -8,7 +8,9 @@ safetensors file, and returns a `CachedDataset` that reads them back; training n
 Cache keys (sha256, see `latent_key` / `text_key`):
 - latents: image content hash + `ae.identity` + bucket (W, H) + crop mode + variant; a changed image, autoencoder,
   resolution or crop recomputes only the affected files, a renamed or moved image reuses its file.
-- text: caption text (after trigger) + `text.identity`; a changed caption recomputes that caption only.
+- text: caption text (after trigger) + `text.identity`; a changed caption recomputes that caption only. With caption
+  shuffling each cached variant is its own text, with caption dropout the empty caption is one more
+  (`item_captions`; which one a draw uses: `dev2pro.data.captions`).
 Files live in `<cache_dir>/latents/ab/<key>.safetensors` and `<cache_dir>/text/ab/<key>.safetensors`, written to a
 temporary name and renamed, so an interrupted run leaves no half file; a file that does not load or holds non-finite
 values is recomputed.
@@ -101,24 +103,35 @@ def load_valid(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor] | 
 @dataclass(frozen=True)
 class CacheEntry:
     latent_paths: tuple[Path, ...]  # one per variant
-    text_path: Path
+    text_paths: tuple[Path, ...]  # one per caption variant (shuffled tags; one without shuffling)
     caption: str
     bucket: tuple[int, int]  # (W, H) in pixels
     key: str  # latent key of variant 0: identifies the image at this bucket and crop
     repeats: int
+    captions: tuple[str, ...] = ()  # the text of each caption variant (default: the caption)
+    empty_path: Path | None = None  # the empty caption's embedding (caption dropout)
+    caption_dropout: float = 0.0
+
+
+CAPTION_DRAWS = 1 << 20  # draw numbers per item when captions change per draw (see `dev2pro.data.captions.pick`)
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Cached latents + text embeddings, each image repeated `repeats` times.
+    """Cached latents + text embeddings, each image repeated `repeats` times (or in the given `order`).
 
     Index i in [0, len) is variant 0 of the i-th (image, repeat); `i + v * len` is variant v (the sampler adds it
-    when the cache holds several crops or flips per image).
+    when the cache holds several crops or flips per image). With `caption_draws` > 1 (caption dropout or shuffle),
+    v // image_variants is also a draw number that picks the caption variant (`dev2pro.data.captions.pick`). An entry
+    with fewer image variants than the dataset (mixed datasets) uses v modulo its own count.
     """
 
-    def __init__(self, entries: list[CacheEntry], num_variants: int = 1, stats: dict | None = None):
+    def __init__(self, entries: list[CacheEntry], num_variants: int = 1, stats: dict | None = None,
+                 order: list[int] | None = None, caption_draws: int = 1):
         self.entries = entries
-        self.num_variants = num_variants
-        self.order = [j for j, e in enumerate(entries) for _ in range(e.repeats)]
+        self.image_variants = num_variants
+        self.caption_draws = caption_draws
+        self.num_variants = num_variants * caption_draws
+        self.order = order if order is not None else [j for j, e in enumerate(entries) for _ in range(e.repeats)]
         self.stats = stats or {}
 
     def __len__(self) -> int:
@@ -138,14 +151,19 @@ class CachedDataset(torch.utils.data.Dataset):
         return [self.entries[j].bucket for j in self.order]
 
     def __getitem__(self, i: int) -> dict:
+        from dev2pro.data.captions import pick
+
         entry, variant = self._entry(i)
-        lat = load_file(str(entry.latent_paths[variant]))["latents"]
-        txt = load_file(str(entry.text_path))
+        image_v, draw = variant % self.image_variants, variant // self.image_variants
+        lat = load_file(str(entry.latent_paths[image_v % len(entry.latent_paths)]))["latents"]
+        choice = pick(draw, len(entry.text_paths), entry.caption_dropout) if self.caption_draws > 1 else 0
+        path = entry.empty_path if choice is None else entry.text_paths[choice]
+        txt = load_file(str(path))
         return {
             "latents": lat.float(),
             "txt": txt["txt"].float(),
             "pooled": txt["pooled"].float(),
-            "caption": entry.caption,
+            "caption": "" if choice is None else (entry.captions or (entry.caption,))[choice],
             "key": entry.key,
         }
 
@@ -180,9 +198,19 @@ def missing_items(index: DatasetIndex, cache_dir: str | Path, ae_identity: str, 
         for it in index.items
         for v in range(cfg.num_variants())
     )
-    captions = {i.caption for i in index.items}
+    captions = {c for i in index.items for c in item_captions(cfg, i.caption)}
     txt = sum(not cache_path(cache_dir, "text", text_key(c, text_identity)).is_file() for c in captions)
     return lat, txt
+
+
+def item_captions(cfg, caption: str) -> list[str]:
+    """The caption texts an item needs cached: its variants (`dev2pro.data.captions`) and, with caption dropout,
+    the empty caption last."""
+    from dev2pro.data.captions import caption_variants
+
+    out = caption_variants(caption, shuffle=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
+                           count=cfg.caption_variants)
+    return out + [""] if cfg.caption_dropout > 0 else out
 
 
 def prepare_cache(
@@ -218,8 +246,12 @@ def prepare_cache(
                 todo.setdefault(it.bucket, []).append((it, v, p))
             else:
                 stats["latents_reused"] += 1
-        tpath = cache_path(cache_dir, "text", text_key(it.caption, text.identity))
-        entries.append(CacheEntry(paths, tpath, it.caption, it.bucket, paths[0].stem, it.repeats))
+        texts = item_captions(cfg, it.caption)
+        tpaths = tuple(cache_path(cache_dir, "text", text_key(c, text.identity)) for c in texts)
+        n = len(texts) - (cfg.caption_dropout > 0)
+        entries.append(CacheEntry(paths, tpaths[:n], it.caption, it.bucket, paths[0].stem, it.repeats,
+                                  captions=tuple(texts[:n]), empty_path=tpaths[n] if n < len(texts) else None,
+                                  caption_dropout=cfg.caption_dropout))
 
     def load(job: tuple[DataItem, int, Path]) -> torch.Tensor:
         it, v, _ = job
@@ -247,7 +279,9 @@ def prepare_cache(
     # text: one file per distinct caption
     captions: dict[str, Path] = {}
     for e in entries:
-        captions.setdefault(e.caption, e.text_path)
+        for c, p in zip(e.captions + ("",) * (e.empty_path is not None),
+                        e.text_paths + ((e.empty_path,) if e.empty_path is not None else ())):
+            captions.setdefault(c, p)
     missing = []
     for caption, p in captions.items():
         if load_valid(p, ("txt", "pooled")) is None:
@@ -264,7 +298,7 @@ def prepare_cache(
                 save_atomic(captions[caption], {"txt": t.to(dtype).cpu(), "pooled": pv.to(dtype).cpu()}, meta)
             stats["texts_computed"] += len(chunk)
             bar.update(len(chunk))
-    return CachedDataset(entries, nv, stats)
+    return CachedDataset(entries, nv, stats, caption_draws=CAPTION_DRAWS if cfg.caption_random() else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,79 +29,24 @@ import logging
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from dev2pro.errors import ConfigError, DataError
+from dev2pro.data.config import IMAGE_EXTS, REPEATS_DIR, DataConfig
+from dev2pro.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 TRIGGER_TOKEN = "[trigger]"
 EXIF_ORIENTATION = 0x0112
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The `[data]` table of every recipe config."""
-
-    dir: str
-    trigger: str = ""  # replaces "[trigger]" in captions, else prepended as "trigger, caption"
-    default_caption: str = ""  # used for images without a caption file (counted in the report)
-    caption_ext: str = ".txt"
-    resolution: int = 512  # target pixel area is resolution^2
-    bucket_step: int = 0  # 0 = 2 x autoencoder downsample (16 for Flux)
-    min_bucket_side: int = 0  # 0 = resolution / 2
-    max_bucket_side: int = 0  # 0 = resolution * 2
-    upscale: bool = False  # upscale small images to the target area (never by default)
-    crop: Literal["center", "random"] = "center"
-    random_crops: int = 4  # crop = "random": this many fixed random crops per image are cached
-    flip: bool = False  # also cache the mirrored image; each use picks one of them at random
-    repeats: int = 1  # default repeats; a folder named "N_name" overrides it for the images below it
-    cache_dir: str = ""  # "" = <data.dir>/.dev2pro_cache
-    shuffle: bool = True
-    num_workers: int = 0  # threads decoding images while caching
-
-    def validate(self) -> None:
-        if not self.dir:
-            raise ConfigError("data.dir is empty: set it to the folder of images and captions")
-        if self.resolution < 8:
-            raise ConfigError(f"data.resolution = {self.resolution}: must be at least 8 (pixels per side)")
-        if self.bucket_step < 0:
-            raise ConfigError(f"data.bucket_step = {self.bucket_step}: must be >= 0 (0 = from the autoencoder)")
-        if self.min_bucket_side < 0 or self.max_bucket_side < 0:
-            raise ConfigError("data.min_bucket_side / data.max_bucket_side must be >= 0 (0 = derived from resolution)")
-        if self.max_bucket_side and self.min_bucket_side > self.max_bucket_side:
-            raise ConfigError(
-                f"data.min_bucket_side = {self.min_bucket_side} is larger than data.max_bucket_side = "
-                f"{self.max_bucket_side}"
-            )
-        if self.repeats < 1:
-            raise ConfigError(f"data.repeats = {self.repeats}: must be >= 1")
-        if self.random_crops < 1:
-            raise ConfigError(f"data.random_crops = {self.random_crops}: must be >= 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers = {self.num_workers}: must be >= 0")
-        if not self.caption_ext.startswith(".") or self.caption_ext.lower() in IMAGE_EXTS:
-            raise ConfigError(f"data.caption_ext = {self.caption_ext!r}: must be a file extension such as '.txt'")
-
-    def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.dir) / ".dev2pro_cache"
-
-    def num_variants(self) -> int:
-        """Cached versions of each image: random crops x (original, mirrored)."""
-        return (self.random_crops if self.crop == "random" else 1) * (2 if self.flip else 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

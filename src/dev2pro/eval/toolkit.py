@@ -31,7 +31,7 @@ def idle_cpu_threads() -> int:
 
 
 def read_lora(path: Path):
-    """`LoraWeights` from a LoRA file (any format `lora_files.load_lora` reads) or a train-lora checkpoint folder
+    """`LoraWeights` from a LoRA file (any format `lora.files.load_lora` reads) or a train-lora checkpoint folder
     (its trainable peft state, with `lora.alpha` from the checkpoint's config.toml)."""
     from dev2pro.lora.files import load_lora
 
@@ -42,7 +42,7 @@ def read_lora(path: Path):
 
     from safetensors.torch import load_file
 
-    from dev2pro.train.recipes.train_lora import lora_from_state
+    from dev2pro.train.lora_export import lora_from_state
 
     cfg = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
     alpha = cfg.get("lora", {}).get("alpha")

@@ -30,7 +30,7 @@ from dev2pro.flux import keymap
 from dev2pro.flux.value_check import check_tensor
 from dev2pro.lora.formats import bfl_lora_to_layers, kohya_name_to_bfl, kohya_name_to_diffusers, to_state_dict
 from dev2pro.lora.inject import LoraLayer, LoraWeights
-from dev2pro.lora.metadata import file_metadata
+from dev2pro.lora.metadata import file_metadata, sshs_hashes
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
@@ -265,9 +265,12 @@ def save_lora(path, lora: LoraWeights, format: str = "kohya", metadata: dict | N
     """Write `lora` as a `format` ("kohya" | "diffusers") safetensors file, atomically (temp file + rename).
 
     `metadata` (str -> str; other values are JSON-encoded) defaults to `lora.metadata`; the format,
-    `ss_network_dim`/`ss_network_alpha` (most common rank/alpha) and, for kohya, `ss_network_module` are added.
+    `ss_network_dim`/`ss_network_alpha` (most common rank/alpha), for kohya `ss_network_module`, and kohya's
+    `sshs_model_hash`/`sshs_legacy_hash` of the tensors written (`dev2pro.lora.metadata.sshs_hashes`) are added.
     Text-encoder tensors carried from a kohya file are written back in kohya format and dropped in diffusers format."""
     path = Path(path)
     sd = to_state_dict(lora, format, dtype)
-    _atomic_save(sd, path, file_metadata(lora, format, metadata))
+    meta = file_metadata(lora, format, metadata)
+    meta.update(sshs_hashes(sd, meta))
+    _atomic_save(sd, path, meta)
     return path

@@ -239,11 +239,32 @@ def _inject(model: nn.Module, paths: list[str], rank: dict[str, int], alpha: dic
     return wrappers
 
 
+def rank_alpha_plan(paths: Sequence[str], rank: int, alpha: float, rules: Sequence = ()
+                    ) -> tuple[dict[str, int], dict[str, float]]:
+    """Per-module (rank, alpha): the first rule (`.pattern` full-matching the module path, `.rank`, `.alpha` or None =
+    the rule's rank) that matches a path decides it, else `rank`/`alpha`. A rule matching none of `paths` is an
+    error (a typo would otherwise train the default shape silently)."""
+    ranks, alphas = dict.fromkeys(paths, int(rank)), dict.fromkeys(paths, float(alpha))
+    taken: set[str] = set()
+    for i, rule in enumerate(rules):
+        hits = [p for p in paths if re.fullmatch(rule.pattern, p)]
+        if not hits:
+            raise UserError(f"lora.rules[{i}].pattern = {rule.pattern!r} matches none of the {len(paths)} targeted "
+                            f"modules (e.g. {paths[0] if paths else 'none'}); widen lora.targets or fix the pattern")
+        for p in hits:
+            if p not in taken:
+                taken.add(p)
+                ranks[p] = int(rule.rank)
+                alphas[p] = float(rule.alpha if rule.alpha is not None else rule.rank)
+    return ranks, alphas
+
+
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: str | Sequence[str], dropout: float = 0.0,
-             adapter_name: str = "default", seed: int | None = None) -> list[str]:
+             adapter_name: str = "default", seed: int | None = None, rules: Sequence = ()) -> list[str]:
     """Inject trainable LoRA layers (fp32) into `model` and freeze everything else. Returns the wrapped module paths.
 
-    `targets`: a preset from `TARGET_PRESETS` or a list of module-path regexes. `seed` makes the initialisation of A
+    `targets`: a preset from `TARGET_PRESETS` or a list of module-path regexes; `rules`: per-pattern rank/alpha
+    (`rank_alpha_plan`, given to peft as `rank_pattern`/`alpha_pattern`). `seed` makes the initialisation of A
     (kaiming-uniform, as peft) independent of the global RNG; B starts at zero so the model output is unchanged.
     Works on bf16/fp32 bases and on fp8 bases (`dev2pro.flux.fp8.Fp8Linear`, an `nn.Linear` subclass).
     """
@@ -255,8 +276,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str | Sequence[
         raise UserError(f"LoRA dropout must be in [0, 1), got {dropout}")
     paths = resolve_targets(model, targets)
     model.requires_grad_(False)
-    wrappers = _inject(model, paths, dict.fromkeys(paths, int(rank)), dict.fromkeys(paths, float(alpha)),
-                       dropout, adapter_name)
+    wrappers = _inject(model, paths, *rank_alpha_plan(paths, rank, alpha, rules), dropout, adapter_name)
     with _seeded(seed):
         for p in paths:  # fp32 init, independent of the base dtype (see module docstring)
             wrappers[p].reset_lora_parameters(adapter_name, True)

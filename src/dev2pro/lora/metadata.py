@@ -76,3 +76,64 @@ def file_metadata(lora: LoraWeights, format: str, metadata: dict | None = None) 
 def format_number(x: float) -> str:
     """`4.0` -> `4`, `0.5` -> `0.5` (ranks and alphas as people write them)."""
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What Civitai, ComfyUI LoRA managers and Forge read: kohya `ss_*` training keys, `modelspec.*` (Stability's model
+# spec 1.0.0, as kohya writes it for Flux), and the `sshs_*` content hashes of sd-webui-additional-networks.
+
+FLUX_DEV_ARCHITECTURE = "flux-1-dev/lora"  # kohya sai_model_spec: ARCH_FLUX_1_DEV + "/lora"
+FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+
+
+def kohya_metadata(*, output_name: str, steps: int, max_steps: int, started_at: float, finished_at: float,
+                   resolution: int | None = None, trigger: str = "", training_guidance: float | None = None,
+                   base_model: str = "", learning_rate: float | None = None, optimizer: str = "",
+                   lr_scheduler: str = "", seed: int | None = None, batch_size: int | None = None,
+                   data: dict | None = None, extra: dict | None = None) -> dict[str, str]:
+    """The kohya `ss_*` and `modelspec.*` keys of a Flux LoRA (see the module's section comment). `data` may hold
+    `tag_frequency`, `dataset_dirs`, `num_train_images`, `num_reg_images`, `caption_dropout`, `keep_tokens`,
+    `shuffle_caption`, `flip` (what the dataset scan knows); missing ones are left out. Times are `time.time()`
+    values (kohya writes them as such; modelspec.date is the finish time in ISO 8601)."""
+    import datetime
+
+    data = data or {}
+    ss = {
+        "ss_output_name": output_name, "ss_base_model_version": "flux1", "ss_network_module": "networks.lora_flux",
+        "ss_steps": steps, "ss_max_train_steps": max_steps, "ss_training_started_at": started_at,
+        "ss_training_finished_at": finished_at, "ss_sd_model_name": base_model, "ss_learning_rate": learning_rate,
+        "ss_optimizer": optimizer, "ss_lr_scheduler": lr_scheduler, "ss_seed": seed,
+        "ss_batch_size_per_device": batch_size, "ss_guidance_scale": training_guidance,
+        "ss_resolution": f"({resolution}, {resolution})" if resolution else None,
+        "ss_tag_frequency": data.get("tag_frequency"), "ss_dataset_dirs": data.get("dataset_dirs"),
+        "ss_num_train_images": data.get("num_train_images"), "ss_num_reg_images": data.get("num_reg_images"),
+        "ss_caption_dropout_rate": data.get("caption_dropout"), "ss_keep_tokens": data.get("keep_tokens"),
+        "ss_shuffle_caption": data.get("shuffle_caption"), "ss_flip_aug": data.get("flip"),
+    }
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": FLUX_DEV_ARCHITECTURE,
+        "modelspec.implementation": FLUX_IMPLEMENTATION, "modelspec.title": output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(finished_at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": f"{resolution}x{resolution}" if resolution else None,
+        "modelspec.trigger_phrase": trigger or None,
+        "modelspec.description": (f"FLUX.1 LoRA trained with dev2pro at guidance input {training_guidance}"
+                                  if training_guidance is not None else None),
+    }
+    out = {k: _meta_str(v) for k, v in {**ss, **spec}.items() if v not in (None, "")}
+    out.update({str(k): _meta_str(v) for k, v in (extra or {}).items()})
+    return out
+
+
+def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` / `sshs_legacy_hash` as kohya sd-scripts computes them (train_util
+    `precalculate_safetensors_hashes`): serialise the tensors with only the `ss_*` metadata; the model hash is the
+    sha256 of everything after the header (the tensor bytes, so it equals that part of the file we write), the legacy
+    hash the first 8 hex digits of the sha256 of 64 KiB at offset 1 MiB (empty for files under 1 MiB)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}

@@ -62,7 +62,7 @@ def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
 
 
 def _data_config(data_dir: Path):
-    from dev2pro.data.folders import DataConfig
+    from dev2pro.data.config import DataConfig
 
     return DataConfig(dir=str(data_dir), resolution=world.IMAGE_SIZE)
 

@@ -65,25 +65,37 @@ def gather_train_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def _flatten_optim(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
+    """Optimizer state as flat `param::key[::subkey...]` tensors and JSON scalars (bitsandbytes nests its
+    quantization state in a dict per parameter)."""
+    tensors, scalars, seen = {}, {}, set()
+
+    def put(prefix: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                put(f"{prefix}::{k}", x)
+        elif torch.is_tensor(v):
+            t = v.detach().cpu().contiguous()
+            if t.untyped_storage().data_ptr() in seen:  # shared (bitsandbytes' qmaps): safetensors wants copies
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            tensors[prefix] = t
+        else:
+            scalars[prefix] = v
+
     for name, st in osd.get("state", {}).items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{name}::{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{name}::{k}"] = v
+        put(str(name), st)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd.get("param_groups", [])]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[str, dict] = {}
-    for key, v in tensors.items():
-        name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = v
-    for key, v in meta.get("scalars", {}).items():
-        name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = v
+    for key, v in [*tensors.items(), *meta.get("scalars", {}).items()]:
+        name, *path = key.split("::")  # parameter names hold dots, never "::"
+        node = state.setdefault(name, {})
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
     groups = []
     for g in meta["param_groups"]:
         g = dict(g)
@@ -198,6 +210,10 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, *, generator: tor
     msd = load_file(str(path / "trainable.safetensors"))
     osd = _unflatten_optim(load_file(str(path / "optimizer.safetensors")),
                            json.loads((path / "optimizer.json").read_text()))
+    for group, saved in zip(optimizer.param_groups, osd["param_groups"]):  # keys an optimizer adds on its first
+        for k, v in saved.items():  # step (Prodigy's d_denom, ...) must exist before torch maps the saved groups
+            if k != "params":
+                group.setdefault(k, v)
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_sd_options(strict=False))
     rank = accelerator.process_index
     rank_file = path / f"rng-{rank}.safetensors"

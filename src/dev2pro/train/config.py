@@ -11,10 +11,13 @@ Pitfall: `model.dtype` is only the storage of the frozen weights; the compute dt
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from dev2pro.errors import ConfigError
+
+# diffusers.optimization.get_scheduler names offered as `train.scheduler` (warmup = train.warmup_steps)
+DIFFUSERS_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ModelConfig:
     adapter_strength: float = 1.0
     dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
     kind: Literal["auto", "distilled", "dedistilled"] = "auto"
+    t5_max_length: int = 512  # T5 tokens per caption: 512 as dev was trained (schnell: 256); part of the cache key
 
     def base_kind(self) -> str | None:
         """`kind`, or for "auto" the `dev2pro.base_kind` the base file carries (None: decided from the model)."""
@@ -64,6 +68,8 @@ class ModelConfig:
         if not self.base:
             raise ConfigError("model.base is unset: set model.base (a Flux file or folder) or model.path (a FLUX.1 "
                               "folder such as /models/FLUX.1-dev)")
+        if not 1 <= self.t5_max_length <= 512:
+            raise ConfigError(f"model.t5_max_length = {self.t5_max_length}: must be in 1..512 (512 for dev)")
 
     def encoders(self) -> tuple[str, str, str]:
         """(t5, clip, autoencoder), or ConfigError naming the first unset key: nothing falls back to the toy world."""
@@ -104,11 +110,17 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the optimizer
+    scheduler: Literal["builtin", *DIFFUSERS_SCHEDULERS] = "builtin"  # builtin = lr_schedule; else diffusers'
+    lr_cycles: int = 1  # scheduler = "cosine_with_restarts": number of restarts
+    lr_power: float = 1.0  # scheduler = "polynomial": power of the decay
     max_grad_norm: float = 1.0
     timestep_sampling: Literal["uniform", "logit_normal", "shift", "flux_shift"] = "logit_normal"
     logit_mean: float = 0.0
     logit_scale: float = 1.0
     shift: float = 3.1582
+    guidance_loss: float = 0.0  # train-lora on dev: s > 1 trains toward v_u + s (v - v_u) at g = s
     loss_weighting: Literal["none", "cosmap"] = "none"
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16"] = "no"
@@ -124,22 +136,64 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas must be two numbers, got {list(self.betas)}")
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise ConfigError(f"train.lr = {self.lr} with train.optimizer = 'prodigy': Prodigy estimates the step "
+                              "size itself and train.lr multiplies it; set train.lr = 1.0")
+        if self.lr_cycles < 1 or self.lr_power <= 0:
+            raise ConfigError(f"train.lr_cycles must be >= 1 and train.lr_power > 0, got {self.lr_cycles}, "
+                              f"{self.lr_power}")
+
+        if self.guidance_loss != 0.0 and self.guidance_loss <= 1.0:
+            raise ConfigError(f"train.guidance_loss must be 0 (off) or a guidance scale > 1 such as 3.5, got "
+                              f"{self.guidance_loss:g} (at 1 the guided target equals the plain one)")
+
+@dataclass(frozen=True)
+class LoraRule:
+    """`[[lora.rules]]`: targeted modules whose path full-matches `pattern` get this rank and alpha (first match
+    wins)."""
+
+    pattern: str
+    rank: int
+    alpha: float | None = None  # default: the rule's rank (scale 1)
+
+    def validate(self, where: str = "lora.rules") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{where}.rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"{where}.alpha must be > 0, got {self.alpha}")
+        _check_regex(self.pattern, f"{where}.pattern")
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """`[lora]`: adapter shape. `targets`: `attention` (q/k/v/out and their text twins) or `all-linear` (kohya)."""
+    """`[lora]`: adapter shape. `targets`: a preset (`attention`: q/k/v/out and their text twins; `all-linear`:
+    kohya's set) or a list of module-path regexes (presets allowed in the list); `rules`: per-pattern rank/alpha."""
 
     rank: int = 16
     alpha: float = 16.0
-    targets: Literal["attention", "all-linear"] = "attention"
+    targets: str | tuple[str, ...] = "attention"
     dropout: float = 0.0
+    rules: tuple[LoraRule, ...] = ()
 
     def validate(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        entries = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        if not entries:
+            raise ConfigError("lora.targets is empty: use 'attention', 'all-linear' or a list of module regexes")
+        for i, t in enumerate(entries):
+            _check_regex(t, "lora.targets" if isinstance(self.targets, str) else f"lora.targets[{i}]")
+
+
+def _check_regex(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{where} = {pattern!r}: not a valid regex ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -162,13 +216,15 @@ class OutputConfig:
 @dataclass(frozen=True)
 class LoraOutputConfig:
     """`[output]` of train-lora: final LoRA `<dir>/<name>.safetensors` in `format` (kohya for ComfyUI/Forge,
-    diffusers for diffusers/peft)."""
+    diffusers for diffusers/peft) and `save_dtype`; every `save_every` steps a usable `<name>-<step:06d>.safetensors`
+    (kohya's naming, all kept) beside the resumable `checkpoint-<step>` (the last `keep_last` kept)."""
 
     dir: str
     name: str = "lora"
     format: Literal["kohya", "diffusers"] = "kohya"
     save_every: int = 0
     keep_last: int = 2
+    save_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # LoRA weights in the files (alphas stay fp32)
 
     def validate(self) -> None:
         _check_output(self)

@@ -107,27 +107,26 @@ def infinite_batches(data: TrainData) -> Iterator[dict]:
 
 def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list[str],
                     keep_autoencoder: bool = False) -> TrainData:
-    """Scan `data.dir`, build or reuse the latent/text caches with the encoders of `[model]` (main process first, the
-    others then find everything cached), encode `prompts` plus the empty prompt once and free the encoders. Training
-    never holds the text encoders; with `keep_autoencoder` (sample images during training) the autoencoder is kept
-    on the CPU in float32 for decoding (the real Flux VAE decodes a 512px image in a few seconds there; the toy one
-    is free). Call `.bind(...)` on the result for the batch sampler."""
-    from dev2pro.data import cache as cache_mod
-    from dev2pro.data.folders import scan_dataset
+    """Scan `data.dir` (or every `[[data.datasets]]` entry, `dev2pro.data.datasets`), build or reuse the latent/text
+    caches with the encoders of `[model]` (main process first, the others then find everything cached), encode
+    `prompts` plus the empty prompt once and free the encoders. Training never holds the text encoders; with
+    `keep_autoencoder` (sample images during training) the autoencoder is kept on the CPU in float32 for decoding
+    (the real Flux VAE decodes a 512px image in a few seconds there; the toy one is free). Call `.bind(...)` on the
+    result for the batch sampler."""
+    from dev2pro.data.datasets import load_datasets
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model_cfg.preflight()  # every path, the base's architecture and the encoders' widths, from headers: seconds
-    if (Path(data_cfg.dir) / "dataset.json").is_file():
+    if data_cfg.dir and (Path(data_cfg.dir) / "dataset.json").is_file():
         return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
     with accelerator.main_process_first():
         autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
-        index = scan_dataset(data_cfg, 2 * autoencoder.downsample)
         text_encoder = _text_encoder(model_cfg, device, enc_dtype)
-        dataset = cache_mod.prepare_cache(index, autoencoder, text_encoder, device=device, dtype=enc_dtype,
-                                          progress=accelerator.is_main_process)
+        dataset, info = load_datasets(data_cfg, autoencoder, text_encoder, device=device, dtype=enc_dtype,
+                                      progress=accelerator.is_main_process)
     embeddings = encode_prompts(text_encoder, prompts)
     free(text_encoder)
     if keep_autoencoder:
@@ -137,8 +136,7 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
         free(autoencoder)
         autoencoder = None
     return TrainData(dataset=dataset, prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle,
-                     info={"dataset_size": len(dataset), "images": len(index.items),
-                           "resolution": data_cfg.resolution})
+                     info=info)
 
 
 def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: list[str],
@@ -150,6 +148,9 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
 
+    if data_cfg.caption_random():
+        raise ConfigError(f"{data_cfg.dir} is a shard folder, which holds one embedding per caption: "
+                          "data.caption_dropout and data.shuffle_captions need an image folder (set them to 0/false)")
     info = read_info(data_cfg.dir)
     text_encoder = _text_encoder(model_cfg, device, enc_dtype)
     if text_encoder.identity != info["text"]:
@@ -169,7 +170,8 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
 def _text_encoder(model_cfg: ModelConfig, device, dtype):
     from dev2pro.flux.text_encoders import load_text_encoder
 
-    return load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=dtype, tokenizers=model_cfg.tokenizers,
+    return load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=dtype,
+                             max_length=model_cfg.t5_max_length, tokenizers=model_cfg.tokenizers,
                              model_path=model_cfg.path)
 
 

@@ -91,19 +91,47 @@ def batch_tensors(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise KeyError(f"a collated batch needs 'latents', 'txt' and 'pooled'; it has {sorted(batch)}") from e
 
 
+@torch.no_grad()
+def guided_target(model, fb: FlowBatch, scale: float, uncond: tuple[torch.Tensor, torch.Tensor],
+                  has_guidance: bool) -> torch.Tensor:
+    """The guidance-preserving target (`train.guidance_loss = scale`, ai-toolkit's "guidance loss"):
+    `v_u + scale (v - v_u)` with `v = eps - x0` and `v_u` the current model's (base + LoRA, no gradient) velocity for
+    the empty prompt at the same x_t, t and guidance input `scale`. The model is then trained at guidance input
+    `scale` toward it, so the guidance input keeps meaning "CFG at this scale" instead of drifting to the plain
+    conditional velocity. Costs one extra forward pass (no backward) per micro-batch.
+    `uncond` = (txt (L, D), pooled (P,)) of the empty prompt."""
+    from dev2pro.flux.models import text_ids
+
+    u_txt, u_pooled = uncond
+    b = fb.x_t.shape[0]
+    u_txt = u_txt.to(fb.txt.device, fb.txt.dtype).expand(b, *u_txt.shape)
+    u_pooled = u_pooled.to(fb.pooled.device, fb.pooled.dtype).expand(b, *u_pooled.shape)
+    v_u = forward_flux(model, has_guidance, fb.x_t, fb.t, u_txt, u_pooled, fb.img_ids,
+                       text_ids(u_txt.shape[1], device=fb.x_t.device), scale)
+    return flow.cfg_combine(v_u.float(), fb.target, scale)
+
+
 def flow_micro_steps(accelerator, model, batches: Iterator[dict], train: TrainConfig, generator: torch.Generator, *,
-                     has_guidance: bool, guidance, condition=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of the plain flow-matching objective over `train.grad_accum` micro-batches: draw noise and
+                     has_guidance: bool, guidance, condition=None,
+                     uncond: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of the flow-matching objective over `train.grad_accum` micro-batches: draw noise and
     times, predict, per-sample loss, backward. `condition(fb) -> (txt, pooled)` swaps the text conditioning (caption
-    dropout in train-base). Returns the per-sample losses and times gathered over processes (for logging)."""
+    dropout in train-base). With `train.guidance_loss = s > 0` the target is `guided_target` (needs `uncond`, the
+    empty prompt's embeddings) and the guidance input is `s`. Returns the per-sample losses and times gathered over
+    processes (for logging)."""
     per_all, t_all = [], []
     for micro in range(train.grad_accum):
         latents, txt, pooled = batch_tensors(next(batches))
         fb = flow_batch(latents, txt, pooled, train, generator, accelerator, accelerator.device)
         c_txt, c_pooled = condition(fb) if condition is not None else (fb.txt, fb.pooled)
         with accumulation_context(accelerator, model, micro == train.grad_accum - 1), accelerator.autocast():
-            pred = forward_flux(model, has_guidance, fb.x_t, fb.t, c_txt, c_pooled, fb.img_ids, fb.txt_ids, guidance)
-            per = flow.flow_loss(pred, fb.target, flow.loss_weight(fb.t, train.loss_weighting))
+            target, g = fb.target, guidance
+            if train.guidance_loss > 0:
+                if uncond is None:
+                    raise ValueError("train.guidance_loss needs the empty prompt's embeddings (uncond)")
+                target, g = guided_target(model, fb, train.guidance_loss, uncond, has_guidance), train.guidance_loss
+            pred = forward_flux(model, has_guidance, fb.x_t, fb.t, c_txt, c_pooled, fb.img_ids, fb.txt_ids, g)
+            per = flow.flow_loss(pred, target, flow.loss_weight(fb.t, train.loss_weighting))
             accelerator.backward(per.mean() / train.grad_accum)
         per_all.append(per.detach())
         t_all.append(fb.t)

@@ -1,5 +1,6 @@
-"""Optimizer, learning-rate schedule and the end of every training step: AdamW over the trainable parameters, the LR
-as a pure function of the step (`lr_factor`, set on the optimizer each step: no scheduler state can drift on resume),
+"""Optimizer, learning-rate schedule and the end of every training step: the optimizer over the trainable parameters
+(AdamW, AdamW8bit, Adafactor, Prodigy), the LR as a pure function of the step (`lr_factor`, set on the optimizer each
+step: no scheduler state can drift on resume) or a diffusers scheduler whose state is checkpointed (`LrSchedule`),
 gradient-norm clipping, and `finish_step` (finite checks, clip, step, progress bar, log row).
 
 Pitfall: a NaN/inf loss or gradient norm stops the run with `NonFiniteLoss`, naming the step and the last good
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dev2pro.errors import UserError
+from dev2pro.errors import ConfigError, UserError
 from dev2pro.train.checkpointing import latest_checkpoint
 from dev2pro.train.config import TrainConfig
 from dev2pro.train.flow_step import bucket_losses
@@ -32,14 +33,90 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer` over the trainable parameters, with `train.optimizer_args` as extra keyword arguments:
+    adamw (torch), adamw8bit (bitsandbytes: 8-bit moments for tensors of >= 4096 elements), adafactor (transformers,
+    with the external LR of `train.lr` and the schedule: relative_step and scale_parameter off, as kohya uses it for
+    Flux), prodigy (prodigyopt: `train.lr` is a multiplier of its own step-size estimate, 1.0 as usual)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient")
-    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
-                             weight_decay=train.weight_decay)
+    name, extra = train.optimizer, dict(train.optimizer_args)
+    adam = dict(lr=train.lr, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+    if name == "adamw":
+        cls = torch.optim.AdamW
+    elif name == "adamw8bit":
+        cls = _import("bitsandbytes.optim", "AdamW8bit", "bitsandbytes")
+    elif name == "prodigy":
+        cls = _import("prodigyopt", "Prodigy", "prodigyopt")
+    else:
+        cls = _import("transformers.optimization", "Adafactor", "transformers")
+        adam = dict(lr=train.lr, weight_decay=train.weight_decay, relative_step=False, scale_parameter=False,
+                    warmup_init=False)
+    try:
+        return cls(params, **{**adam, **extra})
+    except TypeError as e:
+        raise ConfigError(f"train.optimizer_args = {extra}: not accepted by {cls.__module__}.{cls.__name__} "
+                          f"({e})") from None
+
+
+def _import(module: str, name: str, package: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise UserError(f"train.optimizer needs the '{package}' package ({e}): pip install {package}") from None
+
+
+def optimizer_label(optimizer, train: TrainConfig) -> str:
+    """kohya's `ss_optimizer` text: `module.Class(arg=value,...)`."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    args = ",".join(f"{k}={v}" for k, v in sorted(train.optimizer_args.items()))
+    return f"{type(opt).__module__}.{type(opt).__name__}" + (f"({args})" if args else "")
+
+
+class LrSchedule:
+    """The LR of every step: the built-in `lr_factor` set on the optimizer before each step (`train.scheduler =
+    "builtin"`), or a diffusers `get_scheduler` LambdaLR stepped after each optimizer step, whose state goes into the
+    checkpoint (`state_dict`) so a resumed run continues on the same curve."""
+
+    def __init__(self, optimizer, train: TrainConfig):
+        self.optimizer, self.train, self.scheduler = optimizer, train, None
+        if train.scheduler != "builtin":
+            from diffusers.optimization import get_scheduler
+
+            self.scheduler = get_scheduler(train.scheduler, optimizer, num_warmup_steps=train.warmup_steps,
+                                           num_training_steps=train.steps, num_cycles=train.lr_cycles,
+                                           power=train.lr_power)
+
+    def before_step(self, step: int) -> float:
+        if self.scheduler is None:
+            return set_lr(self.optimizer, step, self.train)
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def after_step(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"lr_scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is None:
+            return
+        if "lr_scheduler" not in state:
+            raise UserError("the checkpoint has no LR scheduler state (it was written with train.scheduler = "
+                            f"'builtin'); resume with the same train.scheduler, not '{self.train.scheduler}'")
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, train: TrainConfig) -> float:
+    """Set the built-in schedule's LR of `step` on every group (recipes without `LrSchedule` call this directly)."""
+    if train.scheduler != "builtin":
+        raise ConfigError(f"train.scheduler = '{train.scheduler}' is supported by train-lora only: use "
+                          "train.lr_schedule (constant / cosine) with train.scheduler = 'builtin' here")
     lr = train.lr * lr_factor(step, train)
     for group in optimizer.param_groups:
         group["lr"] = lr

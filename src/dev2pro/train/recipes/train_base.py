@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dev2pro.config import dump_toml
-from dev2pro.data.folders import DataConfig
+from dev2pro.data.config import DataConfig
 from dev2pro.errors import ConfigError
 from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
 from dev2pro.train.config import DistributedConfig, ModelConfig, MonitorConfig, OutputConfig, SampleConfig, TrainConfig

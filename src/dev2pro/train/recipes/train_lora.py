@@ -2,6 +2,11 @@
 
     loss = || v_theta+LoRA(x_t, t, c, g = train.guidance) - (eps - x0) ||^2      (flow.py's convention)
 
+or, with `train.guidance_loss = s` on a guidance-distilled base (dev), the guidance-preserving loss
+(`dev2pro.train.flow_step.guided_target`; one extra no-grad forward per micro-batch, about +1/3 of a step's compute):
+
+    loss = || v_theta+LoRA(x_t, t, c, g = s) - (v_u + s ((eps - x0) - v_u)) ||^2,   v_u = v_theta+LoRA(x_t,t,"",g=s)
+
 The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and applies the LoRA to dev; the guidance
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
 `dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
@@ -15,21 +20,22 @@ exact and can be switched off. It is left out of the exported LoRA and, by defau
 base + trained LoRA, what users will run on dev; `sample.adapter = true` includes it).
 
 Output: `output.dir/<output.name>.safetensors` in `output.format` (kohya for ComfyUI/Forge, diffusers for
-diffusers/peft) with metadata: base model name and content hash, rank, alpha, targets, training guidance, steps,
-resolution, dataset size, tool version (and the adapter, if any). Checkpoints `checkpoint-<step>` every
-`output.save_every` steps; `--resume` continues exactly (see `dev2pro.train.checkpointing`).
+diffusers/peft) and `output.save_dtype`, with kohya/modelspec/dev2pro metadata (`dev2pro.train.lora_export`). Every
+`output.save_every` steps a usable `<name>-<step:06d>.safetensors` and a checkpoint `checkpoint-<step>`; `--resume`
+continues exactly, optimizer and LR-scheduler state included (see `dev2pro.train.checkpointing`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dev2pro.config import dump_toml
-from dev2pro.data.folders import DataConfig
-from dev2pro.errors import ConfigError, UserError
+from dev2pro.data.config import DataConfig
+from dev2pro.errors import ConfigError
 from dev2pro.train.checkpointing import find_resume, gather_train_state, load_checkpoint, save_checkpoint
 from dev2pro.train.config import (
     DistributedConfig,
@@ -43,7 +49,8 @@ from dev2pro.train.config import (
 from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
 from dev2pro.train.distributed import distribute, load_model, setup_accelerator, unwrap
 from dev2pro.train.flow_step import flow_micro_steps
-from dev2pro.train.optim import due, finish_step, make_optimizer, set_lr
+from dev2pro.train.lora_export import LoraExporter, step_file
+from dev2pro.train.optim import LrSchedule, due, finish_step, make_optimizer, optimizer_label
 from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
 
 ADAPTER_NAME = "dev2pro_adapter"  # peft adapter name of model.adapter (the trained LoRA is "default")
@@ -68,29 +75,17 @@ class TrainLoraConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def lora_from_state(state: dict[str, torch.Tensor], alpha: float, adapter_name: str = "default"):
-    """`LoraWeights` from a full trainable state dict (`<module>.lora_A.<name>.weight` / `lora_B`)."""
-    from dev2pro.lora.inject import LoraLayer, LoraWeights, clean_module_path
-
-    downs, ups = {}, {}
-    for key, v in state.items():
-        for part, table in ((f".lora_A.{adapter_name}.weight", downs), (f".lora_B.{adapter_name}.weight", ups)):
-            if key.endswith(part):
-                table[clean_module_path(key[: -len(part)])] = v.detach().to("cpu", torch.float32)
-    if not downs or set(downs) != set(ups):
-        raise ValueError(f"no complete LoRA '{adapter_name}' in the trainable state ({len(downs)} A, {len(ups)} B)")
-    return LoraWeights(layers={p: LoraLayer(down=downs[p], up=ups[p], alpha=float(alpha)) for p in sorted(downs)})
+def trained_guidance(train: TrainConfig) -> float:
+    """The guidance input the LoRA was trained at: `train.guidance_loss` when that is on, else `train.guidance`."""
+    return train.guidance_loss if train.guidance_loss > 0 else train.guidance
 
 
-def base_identity(ref: str) -> tuple[str, str]:
-    """(name, content hash) of the base for the LoRA metadata; presets and toy models have no file to hash."""
-    from dev2pro.flux.hashing import model_hash
-
-    name = Path(ref).name if not ref.startswith(("preset:", "toy:")) else ref
-    try:
-        return name, model_hash(ref)
-    except (UserError, OSError, ValueError):
-        return name, ""
+def check_guidance_loss(train: TrainConfig, has_guidance: bool, base: str) -> None:
+    """The guidance-preserving loss trains the guidance input: a base without one (dev2pro, schnell-like) has none."""
+    if train.guidance_loss > 0 and not has_guidance:
+        raise ConfigError(f"train.guidance_loss = {train.guidance_loss:g} needs a base with a guidance embedding "
+                          f"(FLUX.1-dev); '{base}' has none: on a de-distilled base train with the plain loss "
+                          "(train.guidance_loss = 0)")
 
 
 def check_compute_dtype(model: torch.nn.Module, train: TrainConfig) -> None:
@@ -102,9 +97,8 @@ def check_compute_dtype(model: torch.nn.Module, train: TrainConfig) -> None:
 
 def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = None) -> Path:
     from dev2pro.flux.models import has_guidance_embed
-    from dev2pro.lora.files import load_lora, save_lora
-    from dev2pro.lora.inject import add_lora, apply_lora, set_lora_strength
-    from dev2pro.lora.metadata import training_metadata
+    from dev2pro.lora.files import load_lora
+    from dev2pro.lora.inject import add_lora, apply_lora, lora_state_dict, set_lora_strength
     from dev2pro.train import monitor as M
 
     # ---- setup
@@ -116,7 +110,10 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     model = load_model(cfg.model.base, cfg.model.dtype, acc.device)
     check_compute_dtype(model, cfg.train)
     has_g = has_guidance_embed(model)
-    add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed)
+    check_guidance_loss(cfg.train, has_g, cfg.model.base)
+    add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed,
+             rules=cfg.lora.rules)
+    alphas = lora_state_dict(model).alphas()  # per module (lora.rules)
     if cfg.model.adapter:
         apply_lora(model, load_lora(cfg.model.adapter), cfg.model.adapter_strength, adapter_name=ADAPTER_NAME,
                    what=cfg.model.adapter)
@@ -126,10 +123,15 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
     model = distribute(acc, model, cfg.distributed, cfg.train)
     opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
+    schedule = LrSchedule(opt, cfg.train)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    start = 0
+    start, started_at = 0, time.time()
     if resume_from is not None:
-        start = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler).step
+        resumed = load_checkpoint(resume_from, acc, model, opt, generator=gen, sampler=data.sampler)
+        start, started_at = resumed.step, resumed.state.get("training_started_at", started_at)
+        schedule.load_state_dict(resumed.state)
+    exporter = LoraExporter(cfg, alphas, data.info, optimizer_label(opt, cfg.train), started_at,
+                            training_guidance=trained_guidance(cfg.train))
     batches = infinite_batches(data)
     log, mon_log = open_run_logs(out, acc, start if resume_from else None, monitor=probe is not None)
     config_toml = dump_toml(cfg)
@@ -145,46 +147,38 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
             if hide:
                 set_lora_strength(unwrap(model), cfg.model.adapter_strength, ADAPTER_NAME)
 
+    def save(step: int, lora_path: Path, checkpoint: bool = True) -> None:
+        """The resumable checkpoint and a LoRA file usable as is (collective: every rank calls it)."""
+        if checkpoint:
+            save_checkpoint(out, step, acc, model, opt, generator=gen, sampler=data.sampler, config_toml=config_toml,
+                            keep_last=cfg.output.keep_last,
+                            extra_state={"training_started_at": started_at, **schedule.state_dict()})
+        state, _ = gather_train_state(model, opt)
+        if acc.is_main_process:
+            exporter.write(state, step, lora_path)
+
     # ---- loop
     for step in range(start, cfg.train.steps):
         if probe is not None and step % cfg.monitor.every == 0:
             M.log_probe(probe, acc, model, step, log, mon_log)
-        lr = set_lr(opt, step, cfg.train)
+        lr = schedule.before_step(step)
         per_g, t_g = flow_micro_steps(acc, model, batches, cfg.train, gen, has_guidance=has_g,
-                                      guidance=cfg.train.guidance)
+                                      guidance=cfg.train.guidance, uncond=data.prompts[""])
         finish_step(acc, model, opt, per_g, t_g, step=step, lr=lr, train=cfg.train, out_dir=out, bar=bar, log=log)
+        schedule.after_step()
         done = step + 1
         if due(cfg.sample.every, done, cfg.train.steps):
             samples(done)
         if cfg.output.save_every > 0 and done % cfg.output.save_every == 0 and done < cfg.train.steps:
-            save_checkpoint(out, done, acc, model, opt, generator=gen, sampler=data.sampler,
-                            config_toml=config_toml, keep_last=cfg.output.keep_last)
+            save(done, step_file(out, cfg.output.name, done))
     bar.close()
 
     # ---- save
     if probe is not None:
         M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
-    if cfg.output.save_every > 0:
-        save_checkpoint(out, cfg.train.steps, acc, model, opt, generator=gen, sampler=data.sampler,
-                        config_toml=config_toml, keep_last=cfg.output.keep_last)
-    state, _ = gather_train_state(model, opt)
     final = out / f"{cfg.output.name}.safetensors"
+    save(cfg.train.steps, final, checkpoint=cfg.output.save_every > 0)
     if acc.is_main_process:
-        lora = lora_from_state(state, cfg.lora.alpha)
-        name, digest = base_identity(cfg.model.base)
-        extra = {}
-        if cfg.model.adapter:
-            extra = {"dev2pro.adapter": Path(cfg.model.adapter).name,
-                     "dev2pro.adapter_hash": base_identity(cfg.model.adapter)[1],
-                     "dev2pro.adapter_strength": str(cfg.model.adapter_strength)}
-        meta = training_metadata(
-            base_model=name, base_model_hash=digest, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-            targets=cfg.lora.targets, training_guidance=cfg.train.guidance, steps=cfg.train.steps,
-            resolution=data.info.get("resolution"), dataset_size=data.info.get("dataset_size"), extra=extra)
-        try:
-            save_lora(final, lora, cfg.output.format, metadata=meta)
-        except OSError as e:
-            raise UserError(f"could not write {final} ({e.strerror or e}); free disk space and resume") from None
         (out / f"{cfg.output.name}.toml").write_text(config_toml)
     end_run(acc, log)
     return final
