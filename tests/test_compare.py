@@ -444,3 +444,35 @@ def test_clip_judge_matches_clip_forward(tmp_path):
     assert judge.score(images[:1], prompts[:1])["style"][0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(UserError, match="CLIP folder"):
         J.ClipJudge(str(tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training runs pooled (groups), the guidance response, and the six-way claims
+
+def test_compare_pools_training_runs_and_measures_the_guidance_response(tmp_path):
+    """Both fake LoRAs as two runs of one group: pooled estimates are the t-interval over the two runs' values; the
+    guidance response is the per-image adherence difference, (1 - 3.5/10) - (1 - 1/10) = -0.25 in the fake."""
+    base = _config(tmp_path)
+    data = dataclasses.asdict(base)
+    data["loras"] = [dict(x, group="both", trained_on="T-both") for x in data["loras"]]
+    data["bases"][0]["response"] = 1.0
+    data["bases"][1]["curves"] = False
+    data["claim"] = {"lora": "both", "base": "dev", "metric": "score"}
+    cfg = from_dict(P.CompareConfig, data)
+    res = C.run_compare(cfg, FakeToolkit(), root=tmp_path)
+    assert cfg.groups() == {"both": ["weak", "strong"]} and res.pooled is not None
+    s_weak, s_strong = 0.4 * 0.65, 0.7 * 0.65  # style (base red + LoRA red) x adherence at 3.5
+    e = res.pooled.main["score"][("both", "dev")]
+    half = _t_quantile_closed_form(0.975, 1) * abs(s_strong - s_weak) / 2  # sd of two values / sqrt(2)
+    assert e.mean == pytest.approx((s_weak + s_strong) / 2) and e.hi - e.mean == pytest.approx(half)
+    assert res.main["response"][("weak", "dev")].mean == pytest.approx(-0.25)
+    assert res.pooled.main["response"][("both", "dev")].mean == pytest.approx(-0.25)
+    assert math.isnan(res.main["response"][("weak", "pro")].mean)  # no response value on pro
+    assert [s for s, _ in res.pooled.curves["response"][("both", "dev")]] == [0, 10, 20]
+    assert not any(c[1] == "pro" for c in res.pooled.curves["style"])  # curves off on pro
+    assert res.pooled.runs["score"][("both", "dev")] == pytest.approx({"weak": s_weak, "strong": s_strong})
+    assert res.verdict["reproduced"] is True  # the only group
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "over training runs" in report and "## Each training run" in report and "guidance response" in report
+    with pytest.raises(ConfigError, match="group"):
+        from_dict(P.CompareConfig, {**data, "claim": {"lora": "weak", "base": "dev"}})

@@ -106,8 +106,9 @@ def test_student_from_teacher_equals_teacher_at_step0(teacher_preset):
     assert has_guidance_embed(student)
     inp = probe_inputs(toy_data(4))
     v_t = velocity(teacher, inp, 1.0)
-    for w in (0.0, 1.0, 3.5, 7.0):
-        torch.testing.assert_close(velocity(student, inp, w), v_t, rtol=0, atol=1e-6)
+    for w in (0.0, 1.0, 3.5, 7.0):  # float32 rounding only (the g = 1 embedding is folded into a bias: ~1e-6 observed);
+        # a student that kept any dependence on w, or lost the teacher's g = 1 embedding, is off by ~1e-1
+        torch.testing.assert_close(velocity(student, inp, w), v_t, rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(student.time_text_embed.guidance_embedder.linear_2.weight) == 0
 
 

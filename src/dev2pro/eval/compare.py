@@ -34,11 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from dev2pro.errors import UserError
+from dev2pro.eval.groups import pool
 from dev2pro.eval.judges import Judge, reference_features
 from dev2pro.eval.plan import CompareConfig, Job, SamplingSection, find_checkpoints, plan_jobs
 from dev2pro.eval.plots import plot_bars, plot_lines, save_grid
 from dev2pro.eval.report import write_report, write_results_json
-from dev2pro.eval.results import CompareResult, JobResult, collect, summarize
+from dev2pro.eval.results import CompareResult, JobResult, add_response, collect, summarize
+from dev2pro.eval.tables import row_labels
 from dev2pro.eval.toolkit import FluxToolkit, Toolkit
 from dev2pro.eval.verdict import claim_verdict
 
@@ -151,24 +153,28 @@ def run_compare(cfg: CompareConfig, toolkit: Toolkit | None = None, root: str | 
     results = run_jobs(cfg, jobs, checkpoints, toolkit, judge, root)
     for r in results:
         summarize(r, ref_features, judge, cfg.metrics)
+    add_response(cfg, results)
     main, sweep, curves = collect(cfg, results)
+    pooled = pool(cfg, main, sweep, curves, cfg.metrics.level) if cfg.grouped else None
+    res = CompareResult(cfg, results, main, sweep, curves, None, {}, 0.0, pooled=pooled)
+    vmain, vsweep, vcurves, rows = res.view()
 
-    verdict = None
     if cfg.claim.lora and judge is not None:
-        lora_cells = {k: {c: e for c, e in d.items() if c[0]} for k, d in main.items()}
-        verdict = claim_verdict(lora_cells, (cfg.claim.lora, cfg.claim.base), cfg.claim.metric,
-                                lambda c: f"trained on {cfg.lora(c[0]).trained_on}, applied to {c[1]}")
-    files: dict[str, str] = {}
+        among = set(cfg.claim.among or rows)
+        cells = {k: {c: e for c, e in d.items() if c[0] in among} for k, d in vmain.items()}
+        res.verdict = claim_verdict(cells, (cfg.claim.lora, cfg.claim.base), cfg.claim.metric,
+                                    lambda c: f"trained on {cfg.label(c[0])}, applied to {c[1]}")
+    grid_rows = {names[0]: cfg.label(g) for g, names in cfg.groups().items()} if pooled else row_labels(cfg)
     for name, fn in (
-        ("grid", lambda p: save_grid(cfg, results, p)),
-        ("bars", lambda p: plot_bars(cfg, main, p)),
-        ("sweep", lambda p: plot_lines(cfg, sweep, "guidance", p)),
-        ("curves", lambda p: plot_lines(cfg, curves, "training step", p)),
+        ("grid", lambda p: save_grid(cfg, results, p, grid_rows)),
+        ("bars", lambda p: plot_bars(cfg, vmain, p, rows)),
+        ("sweep", lambda p: plot_lines(cfg, vsweep, "guidance", p, rows)),
+        ("curves", lambda p: plot_lines(cfg, vcurves, "training step", p, rows)),
     ):
         p = fn(out / f"{name}.png")
         if p is not None:
-            files[name] = p.name
-    res = CompareResult(cfg, results, main, sweep, curves, verdict, files, time.perf_counter() - t0)
+            res.files[name] = p.name
+    res.seconds = time.perf_counter() - t0
     write_results_json(res, out)
     res.files["report"] = write_report(res, out, preface).name
     res.files["results"] = "results.json"

@@ -32,6 +32,11 @@ class BaseEntry:
     guidance: float = 3.5  # embedded guidance (mode "embedded") or CFG scale (mode "cfg")
     sweep: tuple[float, ...] = ()  # extra guidance values for the sweep
     negative: str = ""  # negative prompt, mode "cfg" only
+    # Guidance response: also sample at this low guidance value (0 = off) and report, per image, adherence at
+    # `guidance` minus adherence at `response` (same prompt, same seed), for the cells and along the curves.
+    response: float = 0.0
+    curves: bool = True  # evaluate the LoRAs' intermediate checkpoints on this base
+
 
     def validate(self) -> None:
         if not self.name or not re.fullmatch(r"[\w.+-]+", self.name):
@@ -39,12 +44,19 @@ class BaseEntry:
         for g in (self.guidance, *self.sweep):
             if not g > 0:
                 raise ConfigError(f"bases '{self.name}': guidance values must be > 0, got {g}")
+        if self.response < 0 or self.response == self.guidance:
+            raise ConfigError(f"bases '{self.name}': response must be 0 (off) or a guidance value other than "
+                              f"guidance = {self.guidance:g}, got {self.response:g}")
         if self.negative and self.mode != "cfg":
             raise ConfigError(f"bases '{self.name}': a negative prompt needs mode = \"cfg\"")
 
     def values(self) -> tuple[float, ...]:
-        """The guidance values this base is evaluated at: the main one first, then the sweep."""
-        return tuple(dict.fromkeys((self.guidance, *self.sweep)))
+        """The guidance values the LoRA cells are evaluated at: the main one first, the response value, the sweep."""
+        return tuple(dict.fromkeys((self.guidance, *((self.response,) if self.response else ()), *self.sweep)))
+
+    def main_values(self) -> tuple[float, ...]:
+        """The values of the baseline and the curves: the main guidance and the response value, if any."""
+        return (self.guidance, self.response) if self.response else (self.guidance,)
 
     def describe(self, g: float | None = None) -> str:
         g = self.guidance if g is None else g
@@ -61,6 +73,9 @@ class LoraEntry:
     strength: float = 1.0
     # Intermediate checkpoints: files, `checkpoint-<step>` folders, or one run folder holding `checkpoint-<step>`s.
     checkpoints: tuple[str, ...] = ()
+    # The training configuration this LoRA is one run of: LoRAs with the same group (same data, steps, rank; another
+    # training seed) are pooled, with intervals over the runs (see dev2pro.eval.groups). "" = a group of its own.
+    group: str = ""
 
     def validate(self) -> None:
         if not self.name or not re.fullmatch(r"[\w.+-]+", self.name):
@@ -131,9 +146,10 @@ class MetricsSection:
 class ClaimSection:
     """The cell a claim says is best (the article: trained on dev2pro, applied to dev); empty: no verdict."""
 
-    lora: str = ""
+    lora: str = ""  # a LoRA's name, or a group's when the LoRAs have groups
     base: str = ""
     metric: str = "score"
+    among: tuple[str, ...] = ()  # the LoRAs (or groups) the claimed cell is compared with (empty: all)
 
     def validate(self) -> None:
         if self.metric not in METRIC:
@@ -165,8 +181,16 @@ class CompareConfig:
             dup = {n for n in names if names.count(n) > 1}
             if dup:
                 raise ConfigError(f"{kind}: duplicate name {sorted(dup)[0]!r}")
-        if self.claim.lora and self.claim.lora not in [x.name for x in self.loras]:
-            raise ConfigError(f"claim.lora: {self.claim.lora!r} is not one of the loras' names")
+        for x in self.loras:
+            if x.group and any(y.name == x.group and y.group != x.group for y in self.loras):
+                raise ConfigError(f"loras: group {x.group!r} is also the name of a LoRA outside it")
+        names = set(self.groups()) if self.grouped else {x.name for x in self.loras}
+        for key, n in [("claim.lora", self.claim.lora)] * bool(self.claim.lora) + [
+                ("claim.among", n) for n in self.claim.among]:
+            if n not in names:
+                raise ConfigError(f"{key}: {n!r} is not one of the loras' " + (
+                    "groups (a LoRA in a group is one training run; the claim is about the group)" if self.grouped
+                    else "names"))
         if self.claim.base and self.claim.base not in [b.name for b in self.bases]:
             raise ConfigError(f"claim.base: {self.claim.base!r} is not one of the bases' names")
         if bool(self.claim.lora) != bool(self.claim.base):
@@ -177,6 +201,24 @@ class CompareConfig:
 
     def lora(self, name: str) -> LoraEntry:
         return next(x for x in self.loras if x.name == name)
+
+    def groups(self) -> dict[str, list[str]]:
+        """Group key -> the names of its LoRAs (training runs), in config order; an ungrouped LoRA is its own group."""
+        out: dict[str, list[str]] = {}
+        for x in self.loras:
+            out.setdefault(x.group or x.name, []).append(x.name)
+        return out
+
+    @property
+    def grouped(self) -> bool:
+        """Whether any LoRA names a group (the report then pools training runs)."""
+        return any(x.group for x in self.loras)
+
+    def label(self, key: str) -> str:
+        """The "trained on" label of a LoRA or a group (a group's: its first LoRA's)."""
+        if not key:
+            return "(no LoRA)"
+        return self.lora(self.groups().get(key, [key])[0]).trained_on
 
 
 def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> CompareConfig:
@@ -258,16 +300,17 @@ def plan_jobs(cfg: CompareConfig, checkpoints: dict[str, list[tuple[int, Path]]]
     jobs: dict[str, Job] = {}
     for b in cfg.bases:
         for lora in loras:
-            for g in (b.values() if lora is not None else (b.guidance,)):  # the sweep covers the LoRA cells
+            for g in (b.values() if lora is not None else b.main_values()):  # the sweep covers the LoRA cells
                 j = Job(b.name, lora, None, g, s.prompts, s.seeds)
                 jobs.setdefault(j.key, j)
-        if cfg.curves and any(checkpoints.values()):
+        if cfg.curves and b.curves and any(checkpoints.values()):
             cp, cs = s.curve_prompt_list(), s.curve_seed_list()
-            j = Job(b.name, None, None, b.guidance, cp, cs)  # step 0 of every curve
-            jobs.setdefault(j.key, j)
-            for x in cfg.loras:
-                for step, _ in checkpoints.get(x.name, []):
-                    j = Job(b.name, x.name, step, b.guidance, cp, cs)
-                    jobs.setdefault(j.key, j)
+            for g in b.main_values():
+                j = Job(b.name, None, None, g, cp, cs)  # step 0 of every curve
+                jobs.setdefault(j.key, j)
+                for x in cfg.loras:
+                    for step, _ in checkpoints.get(x.name, []):
+                        j = Job(b.name, x.name, step, g, cp, cs)
+                        jobs.setdefault(j.key, j)
     order = {b.name: i for i, b in enumerate(cfg.bases)}
     return sorted(jobs.values(), key=lambda j: (order[j.base], j.lora or "", -1 if j.step is None else j.step))

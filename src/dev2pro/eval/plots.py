@@ -15,25 +15,30 @@ import numpy as np
 from dev2pro.eval.plan import CompareConfig
 from dev2pro.eval.results import JobResult
 from dev2pro.eval.stats import METRICS, NAN_ESTIMATE, Metric
+from dev2pro.eval.tables import row_labels
 
 
-def _cell_label(cfg: CompareConfig, lora: str | None, base: str) -> str:
+def _cell_label(cfg: CompareConfig, lora: str | None, base: str, rows: dict[str, str]) -> str:
     b = cfg.base(base)
-    on = "no LoRA" if lora is None else f"trained on {cfg.lora(lora).trained_on}"
+    on = "no LoRA" if lora is None else f"trained on {rows[lora]}"
     return f"{on} -> {base} ({b.describe()})"
 
 
-def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path | None:
-    """Rows: trained-on x applied-to cells at each base's main guidance; columns: prompts x seeds."""
+def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path, rows: dict[str, str] | None = None
+              ) -> Path | None:
+    """Rows: trained-on x applied-to cells at each base's main guidance; columns: prompts x seeds. `rows`: the LoRAs
+    shown (name -> label; default all; with training-run groups, the first run of each group)."""
+    rows = rows if rows is not None else row_labels(cfg)
     import torch
     from PIL import Image, ImageDraw, ImageFont
 
     s = cfg.sampling
+    labels = rows
     rows = [r for r in results if r.images and r.job.step is None and r.job.guidance == cfg.base(r.job.base).guidance
-            and r.job.seeds == s.seeds and r.job.prompts == s.prompts]
+            and r.job.seeds == s.seeds and r.job.prompts == s.prompts and (r.job.lora is None or r.job.lora in labels)]
     if not rows:
         return None
-    lorder = {x.name: i for i, x in enumerate(cfg.loras)}
+    lorder = {k: i for i, k in enumerate(labels)}
     border = {b.name: i for i, b in enumerate(cfg.bases)}
     rows.sort(key=lambda r: (border[r.job.base], -1 if r.job.lora is None else lorder[r.job.lora]))
     cols = sorted(set().union(*[set(r.images) for r in rows]))
@@ -41,7 +46,8 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
     h, w = int(sample.shape[-2]) * s.grid_scale, int(sample.shape[-1]) * s.grid_scale
     font = ImageFont.load_default(size=11)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 8 + max(int(measure.textlength(_cell_label(cfg, r.job.lora, r.job.base), font=font)) for r in rows)
+    label_w = 8 + max(int(measure.textlength(_cell_label(cfg, r.job.lora, r.job.base, labels), font=font))
+                      for r in rows)
     heads = [_wrap(f"{s.prompts[pi]} (seed {sd})", w, lambda t: measure.textlength(t, font=font)) for pi, sd in cols]
     pad, line_h = 4, 13
     head_h = 4 + line_h * max(len(x) for x in heads)
@@ -52,7 +58,7 @@ def save_grid(cfg: CompareConfig, results: list[JobResult], path: Path) -> Path 
             draw.text((label_w + c * (w + pad), 2 + k * line_h), line, fill="black", font=font)
     for r, res in enumerate(rows):
         y = head_h + r * (h + pad)
-        draw.text((4, y + h // 2 - 8), _cell_label(cfg, res.job.lora, res.job.base), fill="black", font=font)
+        draw.text((4, y + h // 2 - 8), _cell_label(cfg, res.job.lora, res.job.base, labels), fill="black", font=font)
         for c, pair in enumerate(cols):
             img = res.images.get(pair)
             if img is None:
@@ -101,13 +107,15 @@ def _scored_metrics(results: list[JobResult]) -> list[Metric]:
     return [m for m in METRICS if any(math.isfinite(r.metrics.get(m.key, NAN_ESTIMATE).mean) for r in results)]
 
 
-def plot_bars(cfg: CompareConfig, main: dict, path: Path) -> Path | None:
-    """One panel per metric: bars grouped by applied-to base, one bar per trained-on LoRA, with interval whiskers."""
+def plot_bars(cfg: CompareConfig, main: dict, path: Path, labels: dict[str, str] | None = None) -> Path | None:
+    """One panel per metric: bars grouped by applied-to base, one bar per trained-on LoRA (or group: `labels`), with
+    interval whiskers."""
+    labels = labels if labels is not None else row_labels(cfg)
     metrics = [m for m in METRICS if any(math.isfinite(e.mean) for e in main.get(m.key, {}).values())]
     if not metrics:
         return None
     fig, axes, spare = _panels(len(metrics))
-    rows = ([None] if cfg.baseline else []) + [x.name for x in cfg.loras]
+    rows = ([None] if cfg.baseline else []) + list(labels)
     width = 0.8 / max(1, len(rows))
     for ax, m in zip(axes, metrics):
         for i, lora in enumerate(rows):
@@ -121,7 +129,7 @@ def plot_bars(cfg: CompareConfig, main: dict, path: Path) -> Path | None:
                 lo, hi = (e.lo, e.hi) if math.isfinite(e.lo) else (e.mean, e.mean)
                 err[0].append(max(0.0, e.mean - lo))
                 err[1].append(max(0.0, hi - e.mean))
-            label = "no LoRA" if lora is None else cfg.lora(lora).trained_on
+            label = "no LoRA" if lora is None else labels[lora]
             ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
         ax.set_xticks(range(len(cfg.bases)), [f"on {b.name}\n({b.describe()})" for b in cfg.bases], fontsize=8)
         ax.set_title(m.label + (" (lower is better)" if not m.higher_is_better else ""), fontsize=9)
@@ -130,26 +138,30 @@ def plot_bars(cfg: CompareConfig, main: dict, path: Path) -> Path | None:
     return path
 
 
-def plot_lines(cfg: CompareConfig, series: dict, xlabel: str, path: Path) -> Path | None:
-    """`series[metric][(lora, base)] = [(x, Estimate), ...]`: one panel per metric, one line (with band) per cell."""
+def plot_lines(cfg: CompareConfig, series: dict, xlabel: str, path: Path, labels: dict[str, str] | None = None
+               ) -> Path | None:
+    """`series[metric][(lora, base)] = [(x, Estimate), ...]`: one panel per metric, one line (with band) per cell.
+    `labels`: the LoRA (or group) keys of the series -> their labels (default: one per LoRA)."""
+    labels = labels if labels is not None else row_labels(cfg)
     def finite(pts):
         return sorted(((x, e) for x, e in pts if math.isfinite(e.mean)), key=lambda p: p[0])
 
     metrics = [m for m in METRICS if any(len(finite(v)) > 1 for v in series.get(m.key, {}).values())]
     if not metrics:
         return None
-    colours = {"": "0.4"} | {x.name: f"C{i}" for i, x in enumerate(cfg.loras)}  # colour: the LoRA
+    colours = {"": "0.4"} | {k: f"C{i % 10}" for i, k in enumerate(labels)}  # colour: the LoRA
     styles = {b.name: ("-", "--", ":", "-.")[i % 4] for i, b in enumerate(cfg.bases)}  # line style: the base
-    lorder = {x.name: i for i, x in enumerate(cfg.loras)} | {"": -1}
+    lorder = {k: i for i, k in enumerate(labels)} | {"": -1}
     border = {b.name: i for i, b in enumerate(cfg.bases)}
     fig, axes, spare = _panels(len(metrics))
     for ax, m in zip(axes, metrics):
-        for (lora, base), pts in sorted(series[m.key].items(), key=lambda kv: (border[kv[0][1]], lorder[kv[0][0]])):
+        items = [kv for kv in series[m.key].items() if kv[0][0] in lorder]
+        for (lora, base), pts in sorted(items, key=lambda kv: (border[kv[0][1]], lorder[kv[0][0]])):
             pts = finite(pts)
             if len(pts) < 2:
                 continue
             xs = [x for x, _ in pts]
-            label = f"{'no LoRA' if not lora else cfg.lora(lora).trained_on} -> {base}"
+            label = f"{'no LoRA' if not lora else labels[lora]} -> {base}"
             ax.plot(xs, [e.mean for _, e in pts], marker="o", ms=3, label=label, color=colours[lora or ""],
                     ls=styles[base])
             lo = [e.lo if math.isfinite(e.lo) else e.mean for _, e in pts]

@@ -16,7 +16,7 @@ import numpy as np
 from dev2pro.eval.judges import Judge
 from dev2pro.eval.plan import CompareConfig, Job, MetricsSection
 from dev2pro.eval.stats import METRICS, NAN_ESTIMATE, Estimate, jackknife_ci, mean_ci, pairwise_diversity
-from dev2pro.eval.tables import main_table
+from dev2pro.eval.tables import main_table, row_labels
 
 
 @dataclass
@@ -49,6 +49,21 @@ def summarize(res: JobResult, ref_features: np.ndarray | None, judge: Judge | No
     res.metrics["diversity"] = mean_ci(pairwise_diversity(res.features, res.prompt_index), lvl)
 
 
+def add_response(cfg: CompareConfig, results: list[JobResult]) -> None:
+    """The guidance response of every job at a base's main guidance that has a twin at the base's `response` value
+    (same base, LoRA, step, prompts and seeds): per image, adherence at the main value minus at the low one (paired:
+    same prompt, same seed, so the starting noise is the same), as `metrics["response"]`."""
+    twins = {(r.job.base, r.job.lora, r.job.step, r.job.prompts, r.job.seeds, r.job.guidance): r for r in results}
+    for r in results:
+        j, b = r.job, cfg.base(r.job.base)
+        low = twins.get((j.base, j.lora, j.step, j.prompts, j.seeds, b.response)) if b.response else None
+        if low is None or j.guidance != b.guidance or r.adherence is None or low.adherence is None:
+            continue
+        if not (np.array_equal(r.prompt_index, low.prompt_index) and np.array_equal(r.seed, low.seed)):
+            raise RuntimeError(f"{j.key}: the images at the two guidance values are not in the same order")
+        r.metrics["response"] = mean_ci(r.adherence - low.adherence, cfg.metrics.level)
+
+
 @dataclass
 class CompareResult:
     config: CompareConfig
@@ -60,9 +75,20 @@ class CompareResult:
     files: dict[str, str]
     seconds: float
     total_seconds: float = 0.0  # set by callers that run more than the comparison (the demo)
+    pooled: Any = None  # dev2pro.eval.groups.Pooled when LoRAs have groups (training runs pooled)
+    summary: dict = field(default_factory=dict)  # set by the demo
+    claims: list = field(default_factory=list)  # set by the demo (dev2pro.eval.claims)
+
+    def view(self) -> tuple[dict, dict, dict, dict[str, str]]:
+        """What the report shows: (main, sweep, curves, rows): pooled over training runs when LoRAs have groups."""
+        rows = row_labels(self.config, pooled=self.pooled is not None)
+        if self.pooled is not None:
+            return self.pooled.main, self.pooled.sweep, self.pooled.curves, rows
+        return self.main, self.sweep, self.curves, rows
 
     def table(self) -> str:
-        return main_table(self.config, self.main)
+        main, _, _, rows = self.view()
+        return main_table(self.config, main, rows)
 
 
 def collect(cfg: CompareConfig, results: list[JobResult]) -> tuple[dict, dict, dict]:

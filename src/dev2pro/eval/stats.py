@@ -15,6 +15,7 @@ jackknife; Frechet distances from few images are biased upwards, so compare cell
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ def student_t_cdf(x: float, df: float) -> float:
     return 0.5 + math.copysign(area, x)
 
 
+@functools.lru_cache(maxsize=1024)
 def student_t_ppf(p: float, df: float) -> float:
-    """Quantile of Student's t (bisection on `student_t_cdf`). No scipy in this environment."""
+    """Quantile of Student's t (bisection on `student_t_cdf`). No scipy in this environment. Cached: a report asks
+    for the same few (level, n) pairs thousands of times, and each costs 60 integrations."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if p == 0.5:
@@ -148,5 +151,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("score", "styled and on prompt (style x adherence)", True, "t-interval over images"),
     Metric("fd", "Frechet distance to style references", False, "delete-one jackknife over generated images"),
     Metric("diversity", "diversity across seeds", True, "t-interval over prompts"),
+    Metric("response", "guidance response", True,
+           "paired t-interval over images (same prompt and seed at both guidance values)"),
 )
 METRIC = {m.key: m for m in METRICS}
