@@ -360,7 +360,7 @@ def test_compare_with_real_components_on_tiny_models(tmp_path):
         "loras": [{"name": n, "path": f"{n}/{n}.safetensors", "trained_on": n, "checkpoints": [n]} for n in "ab"],
         "sampling": {"prompts": ["a red circle, in zxq style", "a blue square"], "seeds": [0, 1], "steps": 2,
                      "batch_size": 4},
-        "models": {"device": "cpu"},
+        "models": {"device": "cpu", "t5": "toy", "clip": "toy", "autoencoder": "toy"},
         "metrics": {"reference": "ref"},
         "claim": {"lora": "b", "base": "dev"},
         "output": {"dir": "out"},

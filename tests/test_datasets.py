@@ -183,7 +183,8 @@ def test_t5_max_length_reaches_the_text_encoder(tmp_path, monkeypatch):
     monkeypatch.setattr(te, "load_text_encoder", spy)
     data = data_config({"dir": str(write_dataset(tmp_path / "d", 2, seed=0)), "resolution": 32})
     acc = setup_accelerator(TrainConfig(steps=1, device="cpu"))
-    got = load_train_data(data, ModelConfig(base="preset:tiny-dev@0", t5_max_length=77), acc, [])
+    model = ModelConfig(base="preset:tiny-dev@0", t5="toy", clip="toy", autoencoder="toy", t5_max_length=77)
+    got = load_train_data(data, model, acc, [])
     assert seen == [77] and got.info["dataset_size"] == 2
 
 

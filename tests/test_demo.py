@@ -57,7 +57,7 @@ def _frozen_heap():
 
 def test_demo_smoke_run_six_ways(tmp_path, _frozen_heap):
     out = tmp_path / "demo"
-    toolkit = T.FluxToolkit(P.ModelsSection(device="cpu"), judge=_judge())
+    toolkit = T.FluxToolkit(P.ModelsSection(device="cpu", t5="toy", clip="toy", autoencoder="toy"), judge=_judge())
     res = D.run_demo(out, TINY, dev="preset:tiny-dev", pro="preset:tiny-pro", toolkit=toolkit, log=lambda *_: None)
     modes = [m for m in M.MODES if m.key not in res.summary["skipped_modes"]]
     assert len(modes) == 6 - ("dev-gloss3.5" in res.summary["skipped_modes"])

@@ -265,7 +265,8 @@ SKIPPED = ["zero_byte.png", "truncated.jpg", "truncated.png", "text_named.png", 
 def test_bad_images_and_captions_are_counted_and_converted_correctly(bad_data, tmp_path, capsys):
     from dev2pro.toy.world import ToyAutoencoder
 
-    code, out, err = run_cli(["cache", str(bad_data), str(tmp_path / "shards"), "--resolution", "32", "--quiet"],
+    code, out, err = run_cli(["cache", str(bad_data), str(tmp_path / "shards"), "--ae", "toy", "--t5", "toy",
+                                 "--resolution", "32", "--quiet"],
                              capsys)
     assert code == 0, err
     assert "Traceback" not in err

@@ -242,7 +242,8 @@ def test_dedistill_refuses_a_model_without_guidance_embedding(tmp_path):
 
 @pytest.mark.parametrize("name, module, cls", [
     ("tiny-cpu", "train_lora", "TrainLoraConfig"), ("lora-24gb", "train_lora", "TrainLoraConfig"),
-    ("lora-16gb", "train_lora", "TrainLoraConfig"), ("dedistill", "dedistill", "DedistillConfig"),
+    ("lora-16gb", "train_lora", "TrainLoraConfig"), ("lora-dev", "train_lora", "TrainLoraConfig"),
+    ("dedistill", "dedistill", "DedistillConfig"),
     ("distill", "distill", "DistillRecipeConfig"), ("train-base", "train_base", "TrainBaseConfig")])
 def test_shipped_configs_load_strictly(tmp_path, name, module, cls):
     import importlib

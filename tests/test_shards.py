@@ -149,12 +149,13 @@ def test_stream_errors(built, tmp_path):
 def test_cli_cache_with_toy_encoders(tmp_path, capsys):
     data = make_folder(tmp_path / "data", 5)
     (data / "broken.png").write_bytes(b"")
-    rc = cli_main(["cache", str(data), str(tmp_path / "out"), "--resolution", "32", "--shard-size", "2", "--quiet"])
+    rc = cli_main(["cache", str(data), str(tmp_path / "out"), "--ae", "toy", "--t5", "toy",
+                         "--resolution", "32", "--shard-size", "2", "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0 and "broken.png" in captured.out and "3 shards" in captured.out
     batch = next(iter(ShardStream(tmp_path / "out", batch_size=1)))
     assert batch["latents"].shape[1] == 12  # toy autoencoder: pixel-unshuffle by 2 -> 12 channels
     (tmp_path / "empty").mkdir()
-    rc = cli_main(["cache", str(tmp_path / "empty"), str(tmp_path / "out2"), "--quiet"])
+    rc = cli_main(["cache", str(tmp_path / "empty"), str(tmp_path / "out2"), "--ae", "toy", "--t5", "toy", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no images" in err

@@ -250,7 +250,8 @@ def test_train_lora_streams_a_shard_folder_and_resumes(tmp_path, capsys):
     from dev2pro.toy.world import write_dataset
 
     images = write_dataset(tmp_path / "images", 12, seed=0)
-    assert main(["cache", str(images), str(tmp_path / "shards"), "--resolution", "32", "--shard-size", "4"]) == 0
+    assert main(["cache", str(images), str(tmp_path / "shards"), "--ae", "toy", "--t5", "toy", "--resolution", "32",
+                 "--shard-size", "4"]) == 0
     args = ["train-lora", str(ROOT / "configs" / "tiny-cpu.toml"), f"data.dir={tmp_path / 'shards'}",
             f"output.dir={tmp_path / 'o'}", "train.steps=4", "output.save_every=2", "sample.every=0",
             "monitor.every=2", "train.batch_size=2"]

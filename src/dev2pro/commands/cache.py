@@ -12,10 +12,17 @@ the shards that are already complete, so an interrupted run can simply be starte
 
 Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts.
 
+The encoders are never guessed: give --path (a FLUX.1 folder with vae/, text_encoder/, text_encoder_2/, tokenizers)
+or --ae, --t5 and --clip (single files such as ComfyUI's ae.safetensors, t5xxl_fp16.safetensors, clip_l.safetensors,
+folders, hub ids, or 'toy'); single encoder files take their tokenizers from --tokenizers (a folder with tokenizer/
+and tokenizer_2/), --path, or the hub defaults. Every path is checked before encoding starts.
+
 examples:
-  dev2pro cache ./toy_images ./toy_shards --resolution 32            # toy encoders, toy-world images
-  dev2pro cache ./images ./shards --ae ae.safetensors --t5 ./FLUX.1-dev --clip ./FLUX.1-dev \\
-      --resolution 1024 --shard-size 256 --device cuda --dtype bf16
+  dev2pro cache ./toy_images ./toy_shards --ae toy --t5 toy --resolution 32     # toy encoders, toy-world images
+  dev2pro cache ./images ./shards --path /models/FLUX.1-dev --resolution 1024 --device cuda --dtype bf16
+  dev2pro cache ./images ./shards --ae ComfyUI/models/vae/ae.safetensors \\
+      --t5 ComfyUI/models/clip/t5xxl_fp8_e4m3fn.safetensors --clip ComfyUI/models/clip/clip_l.safetensors \\
+      --tokenizers /models/flux-tokenizers --resolution 1024 --device cuda --dtype bf16
 """
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -24,9 +31,11 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def add_arguments(parser) -> None:
     parser.add_argument("data", help="folder of images with same-name .txt captions")
     parser.add_argument("out", help="output folder for the shards")
-    parser.add_argument("--ae", default="toy", help="autoencoder: BFL ae.safetensors, diffusers folder or 'toy'")
-    parser.add_argument("--t5", default="toy", help="T5 encoder: folder (or pipeline folder) or 'toy'")
-    parser.add_argument("--clip", default=None, help="CLIP-L encoder: folder (or pipeline folder); default: --t5")
+    parser.add_argument("--path", default=None, help="a FLUX.1 folder (HF snapshot layout) giving every part not set")
+    parser.add_argument("--ae", default=None, help="autoencoder: BFL ae.safetensors, diffusers folder, hub id or 'toy'")
+    parser.add_argument("--t5", default=None, help="T5: single file (fp16/fp8), folder, hub id or 'toy'")
+    parser.add_argument("--clip", default=None, help="CLIP-L: single file, folder, pipeline folder; default: --t5")
+    parser.add_argument("--tokenizers", default=None, help="folder with tokenizer/ and tokenizer_2/ (single files)")
     parser.add_argument("--max-length", type=int, default=512, help="T5 tokens (512 for dev, 256 for schnell)")
     parser.add_argument("--resolution", type=int, default=512, help="target side: pixel area = resolution^2")
     parser.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
@@ -46,7 +55,9 @@ def main(args) -> int:
     from dev2pro.data.config import DataConfig
     from dev2pro.data.folders import scan_dataset
     from dev2pro.data.shards import write_shards
+    from dev2pro.errors import ConfigError
     from dev2pro.flux.autoencoder import load_autoencoder
+    from dev2pro.flux.model_folder import fill_from_path, preflight
     from dev2pro.flux.text_encoders import load_text_encoder
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -60,10 +71,18 @@ def main(args) -> int:
         upscale=args.upscale,
     )
     cfg.validate()
-    ae = load_autoencoder(args.ae, device=device, dtype=dtype)
+    parts = fill_from_path(args.path, t5=args.t5, clip=args.clip or (args.t5 if args.path is None else None),
+                           autoencoder=args.ae, tokenizers=args.tokenizers)
+    for key, flag in (("autoencoder", "--ae"), ("t5", "--t5"), ("clip", "--clip")):
+        if not getattr(parts, key):
+            raise ConfigError(f"{flag} is unset: give {flag} (a file, folder, hub id, or 'toy') or --path (a FLUX.1 "
+                              "folder)")
+    preflight(parts, model_path=args.path)
+    ae = load_autoencoder(parts.autoencoder, device=device, dtype=dtype)
     index = scan_dataset(cfg, 2 * ae.downsample, progress=not args.quiet)
     print(index.report.summary())
-    text = load_text_encoder(args.t5, args.clip, device=device, dtype=dtype, max_length=args.max_length)
+    text = load_text_encoder(parts.t5, parts.clip, device=device, dtype=dtype, max_length=args.max_length,
+                             tokenizers=parts.tokenizers, model_path=args.path)
     info = write_shards(
         index, ae, text, args.out, shard_size=args.shard_size, device=device, dtype=dtype,
         batch_size=args.batch_size, progress=not args.quiet,

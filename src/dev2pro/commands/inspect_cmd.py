@@ -39,7 +39,8 @@ FORMAT_NAMES = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", metavar="FILE|DIR", help="checkpoint file, diffusers folder, LoRA file or toy:NAME")
+    parser.add_argument("path", metavar="FILE|DIR",
+                        help="checkpoint file, diffusers folder, LoRA file, T5 / CLIP file or toy:NAME")
 
 
 def describe_lora_fallback(path) -> str:
@@ -56,11 +57,19 @@ def describe_lora_fallback(path) -> str:
 
 
 def describe(path) -> str:
+    from dev2pro.errors import CheckpointError
     from dev2pro.flux.describe import describe_checkpoint
     from dev2pro.flux.sources import detect_format, resolve_ref
 
     path = resolve_ref(path)  # also toy:NAME
-    fmt = detect_format(path)
+    try:
+        fmt = detect_format(path)
+    except CheckpointError:
+        from dev2pro.flux.encoder_files import describe_encoder_file, encoder_kinds
+
+        if path.is_file() and encoder_kinds(path):  # clip_l.safetensors, t5xxl_fp16.safetensors, ...
+            return describe_encoder_file(path)
+        raise
     if fmt == "lora":
         try:
             from dev2pro.lora.describe import describe_lora

@@ -20,7 +20,8 @@ preset:NAME, toy:NAME), any number of LoRAs at chosen strengths, and a guidance 
                          is given too (both at once is allowed)
 
 The autoencoder and text encoders (--ae, --t5, --clip) are local files/folders or hub ids; a diffusers pipeline
-folder (vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/) works for all three. With a toy or tiny
+folder (vae/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/) works for all three; ComfyUI's single files
+(ae.safetensors, t5xxl_fp16 / fp8 .safetensors, clip_l.safetensors) work too, with --tokenizers. With a toy or tiny
 base they default to `toy`. Images are written as OUT/p<prompt>_s<seed>.png plus OUT/grid.png and settings.json.
 
 Examples:
@@ -63,8 +64,10 @@ def add_arguments(parser) -> None:
     s.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     c = parser.add_argument_group("components")
     c.add_argument("--ae", metavar="REF", help="autoencoder: ae.safetensors, diffusers/pipeline folder, hub id, toy")
-    c.add_argument("--t5", metavar="REF", help="T5 encoder + tokenizer: folder, pipeline folder, hub id, toy")
-    c.add_argument("--clip", metavar="REF", help="CLIP-L encoder + tokenizer: folder, pipeline folder, hub id, toy")
+    c.add_argument("--t5", metavar="REF", help="T5: t5xxl_fp16/fp8 single file, folder, pipeline folder, hub id, toy")
+    c.add_argument("--clip", metavar="REF", help="CLIP-L: clip_l.safetensors, folder, pipeline folder, hub id, toy")
+    c.add_argument("--tokenizers", metavar="DIR", help="folder with tokenizer/ and tokenizer_2/ for single encoder "
+                                                       "files (default: the hub's, from the HF cache)")
     c.add_argument("--t5-max-length", type=int, default=512, help="T5 tokens (512 for dev, 256 for schnell)")
     parser.add_argument("--out", default="samples", metavar="DIR", help="output folder (default ./samples)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
@@ -114,14 +117,15 @@ def main(args) -> int:
     from dev2pro.flux import sampling
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.checkpoint import load_transformer
-    from dev2pro.flux.encoders import free
+    from dev2pro.flux.encoders import free, looks_like_hub_id
     from dev2pro.flux.text_encoders import load_text_encoder
     from dev2pro.lora.apply import apply_loras, parse_lora_arg
 
     prompts = read_prompts(args)
-    if not args.base.startswith(("preset:", "toy:")) and not Path(args.base).exists():
-        raise UserError(f"base model '{args.base}' not found (a .safetensors file, a diffusers folder, preset:NAME "
-                        "or toy:NAME)")
+    if not args.base.startswith(("preset:", "toy:")) and not Path(args.base).exists() and not looks_like_hub_id(
+            args.base):
+        raise UserError(f"base model '{args.base}' not found (a .safetensors file, a diffusers folder, a hub id, "
+                        "preset:NAME or toy:NAME)")
     loras = [parse_lora_arg(a) for a in args.lora]
     for path, _ in loras:
         if not Path(path).is_file():
@@ -144,7 +148,8 @@ def main(args) -> int:
     if width % cell or height % cell or width <= 0 or height <= 0:
         raise UserError(f"--width {width} / --height {height}: each must be a positive multiple of {cell} "
                         f"(2 x the autoencoder's downsampling {ae.downsample})")
-    text = load_text_encoder(t5_ref, clip_ref, device=device, dtype=dtype, max_length=args.t5_max_length)
+    text = load_text_encoder(t5_ref, clip_ref, device=device, dtype=dtype, max_length=args.t5_max_length,
+                             tokenizers=args.tokenizers)
     embeddings = sampling.embed_prompts(text, prompts + ([args.negative] if use_cfg else []))
     free(text)
     del text

@@ -84,12 +84,14 @@ class LoraEntry:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    """`[models]`: the encoders shared by every base (paths, pipeline folders or "toy"), where and in which dtype the
-    bases run. fp8 base files stay fp8 (computing in `dtype`)."""
+    """`[models]`: the encoders shared by every base (single files, folders, pipeline folders, hub ids, or "toy" named
+    explicitly: an unset one is an error when images are made), `tokenizers` for single encoder files, where and in
+    which dtype the bases run. fp8 base files stay fp8 (computing in `dtype`)."""
 
-    autoencoder: str = "toy"
-    t5: str = "toy"
-    clip: str = "toy"
+    autoencoder: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    tokenizers: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda if available, else cpu
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from dev2pro.errors import UserError
+from dev2pro.errors import ConfigError, UserError
 from dev2pro.eval.judges import ClipJudge, Judge, ToyJudgeAdapter, as_images
 from dev2pro.eval.plan import BaseEntry, MetricsSection, ModelsSection, SamplingSection
 
@@ -85,8 +85,12 @@ class FluxToolkit:
             from dev2pro.flux.text_encoders import load_text_encoder
 
             m = self.models
+            for key in ("autoencoder", "t5", "clip"):
+                if not getattr(m, key):
+                    raise ConfigError(f"models.{key} is unset: set it to a file, folder or hub id (\"toy\" for the "
+                                      "toy world)")
             ae = load_autoencoder(m.autoencoder, device=self.device, dtype=self.dtype)
-            text = load_text_encoder(m.t5, m.clip, device=self.device, dtype=self.dtype)
+            text = load_text_encoder(m.t5, m.clip, device=self.device, dtype=self.dtype, tokenizers=m.tokenizers)
             self._encoders = (ae, text)
         return self._encoders
 

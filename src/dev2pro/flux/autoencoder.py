@@ -18,6 +18,7 @@ from dev2pro.errors import CheckpointError, UserError
 from dev2pro.flux import providers
 from dev2pro.flux.ae_keymap import AE_FILE_PREFIXES, bfl_to_diffusers_ae
 from dev2pro.flux.encoders import PICKLE_SUFFIXES, Autoencoder, looks_like_hub_id, one_line, weights_fingerprint
+from dev2pro.flux.value_check import check_module, check_tensor
 
 FLUX_AE_SCALE = 0.3611
 FLUX_AE_SHIFT = 0.1159
@@ -84,9 +85,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     _check_not_pickle(path)
     try:
-        return load_file(str(path), device="cpu")
+        sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for bad headers / truncation
         raise CheckpointError(f"{path}: cannot read as safetensors ({str(e).splitlines()[0]})") from None
+    for key, t in sd.items():
+        check_tensor(t, path, key)
+    return sd
 
 
 class FluxAutoencoder:
@@ -169,6 +173,7 @@ class FluxAutoencoder:
             try:
                 kwargs = {"subfolder": sub} if sub else {}
                 vae = AutoencoderKL.from_pretrained(ref, torch_dtype=dtype, **kwargs)
+                check_module(vae, ref + (f"/{sub}" if sub else ""))
                 return cls(vae.to(device), source=ref + (f"/{sub}" if sub else ""))
             except (OSError, ValueError) as e:
                 err = e

@@ -30,7 +30,7 @@ from dev2pro.flux.safetensors_io import numel
 from dev2pro.flux.sources import DictSource, Source, open_source, resolve_ref
 
 
-def _parse_preset_ref(ref: str) -> tuple[FluxSpec, int]:
+def parse_preset_ref(ref: str) -> tuple[FluxSpec, int]:
     body = ref.removeprefix("preset:")
     name, _, seed = body.partition("@")
     if name not in PRESETS:
@@ -41,7 +41,8 @@ def _parse_preset_ref(ref: str) -> tuple[FluxSpec, int]:
         raise CheckpointError(f"bad seed '{seed}' in '{ref}' (use preset:NAME@INT)") from None
 
 
-def _set_tensor(model: nn.Module, key: str, t: torch.Tensor, name: str) -> None:
+def set_tensor(model: nn.Module, key: str, t: torch.Tensor, name: str) -> None:
+    """Put tensor `t` at `key` of a model built on meta (shape-checked); `name` (the file) goes into errors."""
     module_path, _, pname = key.rpartition(".")
     try:
         module = model.get_submodule(module_path) if module_path else model
@@ -70,7 +71,7 @@ def load_transformer(ref, *, dtype: torch.dtype | str | None = None, device="cpu
         raise ValueError(f"fp8 must be 'keep' or 'dequantize', got {fp8!r}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(ref, str) and ref.startswith("preset:"):
-        spec, seed = _parse_preset_ref(ref)
+        spec, seed = parse_preset_ref(ref)
         return random_transformer(spec, seed, std=0.02, dtype=dtype or torch.float32).to(device)
     src = open_source(resolve_ref(ref))
     try:
@@ -121,7 +122,7 @@ def _load_from_source(src: Source, spec: FluxSpec, dtype, device, fp8: str):
                 t = _dequant_piece(src, g, key, t, sk, compute)
             elif compute is not None and t.is_floating_point():
                 t = t.to(compute)
-            _set_tensor(model, key, t.to(device), src.name)
+            set_tensor(model, key, t.to(device), src.name)
         del tensors
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
@@ -141,7 +142,7 @@ def _dequant_piece(src, group, key, t, scale_key, compute):
     """An fp8 tensor kept plain in memory (bias, norm, or a linear we do not swap): dequantize with its scale."""
     if scale_key is None:
         return t.to(compute or torch.bfloat16)
-    scale = src._raw(scale_key)
+    scale = src.read(scale_key)
     if scale.numel() > 1:  # per-row scale: take this piece's rows
         scale = keymap.run_group(keymap.Group((scale_key,), group.outputs, group.op, group.sizes),
                                  {scale_key: scale})[key.rpartition(".")[0] + ".scale_weight"]
@@ -181,7 +182,7 @@ def weight_stream(ref) -> tuple[FluxSpec, Iterable[tuple[str, torch.Tensor]]]:
     tensor)` one group at a time (a seeded preset drawn tensor by tensor, as `random_transformer` would): for loading
     a sharded model without ever holding the whole model in one process."""
     if isinstance(ref, str) and ref.startswith("preset:"):
-        spec, seed = _parse_preset_ref(ref)
+        spec, seed = parse_preset_ref(ref)
         return spec, iter_random_weights(spec, seed, std=0.02)
     return read_spec(resolve_ref(ref)), iter_state_dict(ref)
 

@@ -11,7 +11,12 @@ Guidance modes (the whole point of dev2pro):
 - both (embedded guidance g and CFG s) when asked explicitly.
 
 `default_guidance` encodes the rule: for a guidance-embedded model, `guidance=None` means 3.5 without CFG (dev's usual
-value) and 1.0 with CFG. Models without a guidance embedding ignore it.
+value) and 1.0 with CFG. Models without a guidance embedding ignore it. `sample_mode` picks the mode from the base
+when the CFG scale is left unset too: a guidance-distilled base (dev: a guidance embedding, no marker) is sampled
+dev-style (embedded 3.5, one pass); a de-distilled base (marked `dev2pro.base_kind = dedistilled` in its file, as
+`dev2pro dedistill` writes it, or named so in the config) and a base without a guidance embedding (a "pro" teacher)
+with true CFG 3.5 (guidance input 1.0 where there is an embedding). FLUX.1-schnell has no guidance embedding and is
+not for CFG: name it `distilled`.
 
 References: BFL flux/sampling.py (`get_noise`, `prepare`, `get_schedule`, `denoise`, `unpack`); diffusers'
 `FluxPipeline.__call__` (true_cfg_scale path) and `FlowMatchEulerDiscreteScheduler` are the test oracle: same
@@ -63,6 +68,39 @@ def default_guidance(model, guidance: float | None, cfg: float) -> float | None:
     if guidance is not None:
         return float(guidance)
     return DEV_GUIDANCE if cfg == 1.0 else PRO_GUIDANCE_INPUT
+
+
+DEFAULT_CFG = 3.5  # true CFG scale of de-distilled bases when none is given
+BASE_KIND_KEY = "dev2pro.base_kind"  # safetensors metadata: "distilled" (dev) or "dedistilled" (dev2pro)
+BASE_KINDS = ("distilled", "dedistilled")
+
+
+def base_kind_of(ref) -> str | None:
+    """The `dev2pro.base_kind` a base file carries in its metadata (None when absent or not a single file)."""
+    from dev2pro.errors import CheckpointError
+    from dev2pro.flux.safetensors_io import read_header
+    from dev2pro.flux.sources import resolve_ref
+
+    path = resolve_ref(ref, download=False) if isinstance(ref, (str, Path)) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        kind = read_header(path).metadata.get(BASE_KIND_KEY)
+    except CheckpointError:
+        return None
+    return kind if kind in BASE_KINDS else None
+
+
+def sample_mode(model, guidance: float | None, cfg: float | None,
+                kind: str | None = None) -> tuple[float | None, float]:
+    """(guidance-embedding input or None, true CFG scale) for sampling `model`. `cfg=None` picks the scale from the
+    base: 1 (one pass) for a distilled base, `DEFAULT_CFG` for a de-distilled one or one without a guidance embedding;
+    `kind` ("distilled", "dedistilled" or None = from the model) overrides that guess. Then `default_guidance`."""
+    if cfg is None:
+        if kind is None:
+            kind = "distilled" if has_guidance_embed(model) else "dedistilled"
+        cfg = 1.0 if kind == "distilled" else DEFAULT_CFG
+    return default_guidance(model, guidance, cfg), float(cfg)
 
 
 def compute_dtype(model) -> torch.dtype:

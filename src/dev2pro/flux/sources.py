@@ -28,6 +28,7 @@ from dev2pro.errors import CheckpointError
 from dev2pro.flux import fp8 as fp8lib
 from dev2pro.flux import keymap
 from dev2pro.flux.safetensors_io import SafetensorsFile, open_safetensors, refuse_pickle
+from dev2pro.flux.value_check import check_tensor
 
 SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI: its dtype is the fp8 type
 CHANNEL_FP8_MARKER = "dev2pro_fp8_channel"  # ours
@@ -93,12 +94,17 @@ class Source:
         return "channel" if any(len(s[1]) == 1 and s[1][0] > 1 for s in scales) else "tensor"
 
     def read(self, key: str, dequantize: bool = True) -> torch.Tensor:
-        """Tensor `key`; fp8 weights with a scale are dequantized to fp32 unless `dequantize=False`."""
-        t = self._raw(key)
+        """Tensor `key`; fp8 weights with a scale are dequantized to fp32 unless `dequantize=False`. Tensors read from
+        a file pass `value_check.check_tensor` (NaN, Inf, absurd values name the file and the tensor)."""
+        t = self._checked(key)
         sk = self.scale_key(key)
         if dequantize and self.is_fp8(key):
-            return fp8lib.dequantize(t, self._raw(sk) if sk else None, torch.float32)
+            return fp8lib.dequantize(t, self._checked(sk) if sk else None, torch.float32)
         return t
+
+    def _checked(self, key: str) -> torch.Tensor:
+        t = self._raw(key)
+        return t if self.path is None else check_tensor(t, self.name, key)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: v[1] for k, v in self.infos.items()}
@@ -247,9 +253,28 @@ def detect_format(path) -> str:
     return src.format
 
 
-def resolve_ref(ref) -> Path:
-    """`toy:NAME` (any registered provider, `dev2pro.flux.providers`) -> its model file; a path stays a path."""
+def resolve_ref(ref, download: bool = True) -> Path:
+    """`toy:NAME` (any registered provider, `dev2pro.flux.providers`) -> its model file; a hub id that is no local path
+    (`black-forest-labs/FLUX.1-dev`) -> its `transformer/` fetched with `huggingface_hub.snapshot_download` (HF cache;
+    not with `download=False`); a path stays a path."""
     from dev2pro.flux import providers
+    from dev2pro.flux.encoders import looks_like_hub_id
 
     found = providers.model_file(ref)
-    return found if found is not None else Path(ref)
+    if found is not None:
+        return found
+    path = Path(ref)
+    if download and not path.exists() and isinstance(ref, str) and looks_like_hub_id(ref):
+        return hub_snapshot(ref)
+    return path
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub repository's transformer (downloaded into the HF cache if needed)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["transformer/*", "model_index.json"]))
+    except Exception as e:  # hub errors: offline, gated, not found
+        raise CheckpointError(f"{repo_id}: no such local file or folder, and the hub gave no transformer/ for it "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None

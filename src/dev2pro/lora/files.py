@@ -27,6 +27,7 @@ import torch
 
 from dev2pro.errors import CheckpointError
 from dev2pro.flux import keymap
+from dev2pro.flux.value_check import check_tensor
 from dev2pro.lora.formats import bfl_lora_to_layers, kohya_name_to_bfl, kohya_name_to_diffusers, to_state_dict
 from dev2pro.lora.inject import LoraLayer, LoraWeights
 from dev2pro.lora.metadata import file_metadata, sshs_hashes
@@ -47,7 +48,7 @@ def _read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: check_tensor(f.get_tensor(k), path, k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, meta

@@ -24,25 +24,74 @@ DIFFUSERS_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", 
 class ModelConfig:
     """`[model]`: what to train and the encoders used to build the caches.
 
-    `base`: anything `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file,
-    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: paths, hub ids or "toy". `adapter`: a LoRA merged into the base
-    for training only (train-lora). `dtype`: storage of the frozen weights ("auto" = as in the file, "fp8" =
-    block linears quantized on load, see `load_model`); the compute dtype is decided in one place,
-    `train.mixed_precision`.
+    `path`: one FLUX.1 folder (HF snapshot layout), full ComfyUI checkpoint or hub id that fills every part left
+    unset (`dev2pro.flux.model_folder.fill_from_path`); a single key overrides one part. `base`: anything
+    `dev2pro.flux.checkpoint.load_transformer` accepts (BFL/ComfyUI file, diffusers folder, fp8 file, hub id,
+    `preset:NAME[@seed]`). `t5`, `clip`, `autoencoder`: single files (ComfyUI/kohya `t5xxl_fp16.safetensors`,
+    `clip_l.safetensors`, `ae.safetensors`), folders, hub ids or "toy" (only when named: an unset encoder is an
+    error when one is needed). `tokenizers`: a folder with `tokenizer/` + `tokenizer_2/` for single encoder files.
+    `adapter`: a LoRA merged into the base for training only (train-lora). `dtype`: storage of the frozen weights
+    ("auto" = as in the file, "fp8" = block linears quantized on load, see `load_model`); the compute dtype is
+    decided in one place, `train.mixed_precision`. `kind`: how sample images are made when `[sample]` leaves `cfg`
+    unset (`dev2pro.flux.sampling.sample_mode`): "distilled" (dev: embedded guidance), "dedistilled" (true CFG), or
+    "auto" (the base file's `dev2pro.base_kind` marker, else dev-style for a base with a guidance embedding).
     """
 
-    base: str
-    t5: str = "toy"
-    clip: str = "toy"
-    autoencoder: str = "toy"
+    base: str | None = None
+    path: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    autoencoder: str | None = None
+    tokenizers: str | None = None
     adapter: str | None = None
     adapter_strength: float = 1.0
     dtype: Literal["auto", "fp32", "bf16", "fp8"] = "auto"
+    kind: Literal["auto", "distilled", "dedistilled"] = "auto"
     t5_max_length: int = 512  # T5 tokens per caption: 512 as dev was trained (schnell: 256); part of the cache key
 
+    def base_kind(self) -> str | None:
+        """`kind`, or for "auto" the `dev2pro.base_kind` the base file carries (None: decided from the model)."""
+        from dev2pro.flux.sampling import base_kind_of
+
+        return self.kind if self.kind != "auto" else base_kind_of(self.base) if self.base else None
+
+    def __post_init__(self):
+        if self.path:
+            from dev2pro.flux.model_folder import fill_from_path
+
+            parts = fill_from_path(self.path, base=self.base, t5=self.t5, clip=self.clip,
+                                   autoencoder=self.autoencoder, tokenizers=self.tokenizers)
+            for k, v in vars(parts).items():
+                object.__setattr__(self, k, v)
+
     def validate(self) -> None:
+        if not self.base:
+            raise ConfigError("model.base is unset: set model.base (a Flux file or folder) or model.path (a FLUX.1 "
+                              "folder such as /models/FLUX.1-dev)")
         if not 1 <= self.t5_max_length <= 512:
             raise ConfigError(f"model.t5_max_length = {self.t5_max_length}: must be in 1..512 (512 for dev)")
+
+    def encoders(self) -> tuple[str, str, str]:
+        """(t5, clip, autoencoder), or ConfigError naming the first unset key: nothing falls back to the toy world."""
+        for key in ("t5", "clip", "autoencoder"):
+            if not getattr(self, key):
+                raise ConfigError(
+                    f"model.{key} is unset: set it ({_ENCODER_HINT[key]}; \"toy\" for the toy world) or set "
+                    f"model.path to a FLUX.1 folder holding all parts (e.g. /models/FLUX.1-dev)")
+        return self.t5, self.clip, self.autoencoder
+
+    def preflight(self) -> dict:
+        """Check the base, every encoder and the tokenizers from headers only, before any caching
+        (`dev2pro.flux.model_folder.preflight`)."""
+        from dev2pro.flux.model_folder import Parts, preflight
+
+        t5, clip, ae = self.encoders()
+        return preflight(Parts(self.base, t5, clip, ae, self.tokenizers), model_path=self.path)
+
+
+_ENCODER_HINT = {"t5": "a T5-XXL file such as t5xxl_fp16.safetensors, a folder or a hub id",
+                 "clip": "a CLIP-L file such as clip_l.safetensors, a folder or a hub id",
+                 "autoencoder": "the FLUX.1 ae.safetensors, a vae folder or a hub id"}
 
 
 @dataclass(frozen=True)
@@ -193,15 +242,16 @@ def _check_output(o) -> None:
 @dataclass(frozen=True)
 class SampleConfig:
     """`[sample]`: images every `every` steps (0 = never) from `prompts` x `seeds`. `guidance` feeds the guidance
-    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG, as `dev2pro.flux.sampling`); `cfg` != 1
-    runs true CFG with `negative`."""
+    embedding of models that have one (unset: 3.5 without CFG, 1.0 with CFG); `cfg` != 1 runs true CFG with
+    `negative`; `cfg` unset fits the base (`dev2pro.flux.sampling.sample_mode`, `model.kind`): one pass at
+    embedded 3.5 on dev, true CFG 3.5 on a de-distilled base."""
 
     every: int = 0
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
     steps: int = 20
     guidance: float | None = None
-    cfg: float = 1.0
+    cfg: float | None = None
     negative: str = ""
     width: int = 512
     height: int = 512

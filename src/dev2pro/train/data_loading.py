@@ -116,16 +116,15 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     from dev2pro.data.datasets import load_datasets
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
-    from dev2pro.flux.text_encoders import load_text_encoder
 
     device = accelerator.device
     enc_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_cfg.preflight()  # every path, the base's architecture and the encoders' widths, from headers: seconds
     if data_cfg.dir and (Path(data_cfg.dir) / "dataset.json").is_file():
         return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
     with accelerator.main_process_first():
         autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
-        text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype,
-                                         max_length=model_cfg.t5_max_length)
+        text_encoder = _text_encoder(model_cfg, device, enc_dtype)
         dataset, info = load_datasets(data_cfg, autoencoder, text_encoder, device=device, dtype=enc_dtype,
                                       progress=accelerator.is_main_process)
     embeddings = encode_prompts(text_encoder, prompts)
@@ -148,14 +147,12 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     from dev2pro.errors import DataError
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.encoders import free
-    from dev2pro.flux.text_encoders import load_text_encoder
 
     if data_cfg.caption_random():
         raise ConfigError(f"{data_cfg.dir} is a shard folder, which holds one embedding per caption: "
                           "data.caption_dropout and data.shuffle_captions need an image folder (set them to 0/false)")
     info = read_info(data_cfg.dir)
-    text_encoder = load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=enc_dtype,
-                                     max_length=model_cfg.t5_max_length)
+    text_encoder = _text_encoder(model_cfg, device, enc_dtype)
     if text_encoder.identity != info["text"]:
         raise DataError(f"{data_cfg.dir}: the shards were encoded with text encoder {info['text']}, [model] t5/clip "
                         f"give {text_encoder.identity}: use the same encoders or rebuild the shards")
@@ -170,6 +167,14 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
                      probe_batch=probe, info={"dataset_size": info["items"], "resolution": info["resolution"]})
 
 
+def _text_encoder(model_cfg: ModelConfig, device, dtype):
+    from dev2pro.flux.text_encoders import load_text_encoder
+
+    return load_text_encoder(model_cfg.t5, model_cfg.clip, device=device, dtype=dtype,
+                             max_length=model_cfg.t5_max_length, tokenizers=model_cfg.tokenizers,
+                             model_path=model_cfg.path)
+
+
 def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, accelerator, train: TrainConfig,
                    sample: SampleConfig) -> TrainData:
     """The injected `data`, or the `[data]` folder cached with `[model]`'s encoders; bound to this process layout."""
@@ -178,15 +183,17 @@ def get_train_data(data: TrainData | None, data_cfg, model_cfg: ModelConfig, acc
             raise ConfigError("missing [data] table (data.dir = folder of images with .txt captions)")
         prompts = [*sample.prompts, sample.negative] if sample.every > 0 else []
         data = load_train_data(data_cfg, model_cfg, accelerator, prompts, keep_autoencoder=sample.every > 0)
+    data.info.setdefault("base_kind", model_cfg.base_kind())  # how samples are made (`write_samples`)
     return data.bind(accelerator, train.batch_size, train.seed)
 
 
 def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out_dir: Path, step: int) -> Path | None:
     """A grid of `sample.prompts` x `sample.seeds` (one row per prompt) from the model as it is now, written to
     `<out_dir>/samples/step-<step>.png`. Prompt embeddings come from `data.prompts` (encoded once before the text
-    encoders were freed), images are decoded with `data.autoencoder`. Under FSDP2 every rank takes part in the
+    encoders were freed), images are decoded with `data.autoencoder`. Guidance and CFG left unset fit the base
+    (`sampling.sample_mode` with `data.info["base_kind"]`). Under FSDP2 every rank takes part in the
     forward passes; otherwise only the main process samples."""
-    from dev2pro.flux.sampling import generate, save_grid
+    from dev2pro.flux.sampling import generate, sample_mode, save_grid
 
     if not sample.prompts:
         return None
@@ -195,10 +202,11 @@ def write_samples(accelerator, model, data: TrainData, sample: SampleConfig, out
         accelerator.wait_for_everyone()
         return None
     net = model if fsdp else unwrap(model)
+    guidance, cfg = sample_mode(net, sample.guidance, sample.cfg, data.info.get("base_kind"))
     with accelerator.autocast():
         images = generate(net, data.autoencoder, data.prompts, list(sample.prompts), negative=sample.negative,
-                          height=sample.height, width=sample.width, steps=sample.steps, guidance=sample.guidance,
-                          cfg=sample.cfg, seeds=list(sample.seeds), progress=False)
+                          height=sample.height, width=sample.width, steps=sample.steps, guidance=guidance,
+                          cfg=cfg, seeds=list(sample.seeds), progress=False)
     path = out_dir / "samples" / f"step-{step:06d}.png"
     if accelerator.is_main_process:
         save_grid(images, path, ncols=len(sample.seeds))

@@ -114,11 +114,12 @@ def require_fp32_weights(model: ModelConfig) -> None:
                           "train.mixed_precision = 'bf16' for bf16 compute")
 
 
-def save_model(model: torch.nn.Module, path: Path, output: OutputConfig) -> Path:
-    """The final full model as a BFL single file in `output.dtype` (fp8 with `output.scaling`)."""
+def save_model(model: torch.nn.Module, path: Path, output: OutputConfig, metadata: dict | None = None) -> Path:
+    """The final full model as a BFL single file in `output.dtype` (fp8 with `output.scaling`), with `metadata`
+    (e.g. `dev2pro.base_kind`, which tells samplers how to guide it)."""
     from dev2pro.flux.checkpoint import save_transformer
 
     fp8 = output.dtype.startswith("fp8")
     save_transformer(model, path, format="bfl", dtype=OUTPUT_DTYPES[output.dtype],
-                     scaling=output.scaling if fp8 else None)
+                     scaling=output.scaling if fp8 else None, metadata=metadata)
     return path

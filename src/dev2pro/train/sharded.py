@@ -137,10 +137,11 @@ def load_shards(path: Path, model, optimizer, ema=None) -> None:
 
 
 def export_final(accelerator, model, out_dir: Path, output: OutputConfig, config_toml: str, *, ema=None,
-                 checkpoint: Path | None = None) -> Path:
+                 checkpoint: Path | None = None, metadata: dict | None = None) -> Path:
     """Write `<out_dir>/<name>.safetensors` (BFL, `output.dtype`) by streaming from sharded weights: the run's final
     `checkpoint` when there is one, else a weights-only shard folder written now and deleted after. The EMA weights
-    are exported when `ema` is kept. Only the main process reads, one tensor group at a time. Collective."""
+    are exported when `ema` is kept; `metadata` goes into the file (e.g. `dev2pro.base_kind`). Only the main process
+    reads, one tensor group at a time. Collective."""
     source_dir = checkpoint
     if source_dir is None:
         source_dir = out_dir / FINAL_TMP
@@ -156,7 +157,7 @@ def export_final(accelerator, model, out_dir: Path, output: OutputConfig, config
     if accelerator.is_main_process:
         src = ShardedSource(source_dir, prefix="ema" if ema is not None else "model")
         try:
-            save_model(src, final, output)
+            save_model(src, final, output, metadata)
         finally:
             src.close()
         (out_dir / f"{output.name}.toml").write_text(config_toml)

@@ -25,6 +25,7 @@ import torch
 from dev2pro.config import dump_toml
 from dev2pro.data.config import DataConfig
 from dev2pro.errors import ConfigError
+from dev2pro.flux.sampling import BASE_KIND_KEY
 from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
 from dev2pro.train.config import (
     DistributedConfig,
@@ -111,6 +112,7 @@ def run(cfg: DedistillConfig, *, resume: bool = False, data: TrainData | None = 
     if probe is not None:
         M.log_probe(probe, acc, model, cfg.train.steps, log, mon_log)
     last = checkpoint(cfg.train.steps) if cfg.output.save_every > 0 else None
-    final = export_final(acc, model, out, cfg.output, config_toml, ema=ema, checkpoint=last)
+    final = export_final(acc, model, out, cfg.output, config_toml, ema=ema, checkpoint=last,
+                         metadata={BASE_KIND_KEY: "dedistilled"})
     end_run(acc, log)
     return final

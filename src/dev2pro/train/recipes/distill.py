@@ -31,6 +31,7 @@ from dev2pro.config import dump_toml
 from dev2pro.data.config import DataConfig
 from dev2pro.errors import ConfigError
 from dev2pro.flux import flow
+from dev2pro.flux.sampling import BASE_KIND_KEY
 from dev2pro.train.checkpointing import find_resume, load_checkpoint, save_checkpoint
 from dev2pro.train.config import DistributedConfig, ModelConfig, MonitorConfig, OutputConfig, SampleConfig, TrainConfig
 from dev2pro.train.data_loading import TrainData, get_train_data, infinite_batches, write_samples
@@ -268,6 +269,7 @@ def run(cfg: DistillRecipeConfig, *, resume: bool = False, data: TrainData | Non
     if cfg.output.save_every > 0:
         last = save_checkpoint(out, cfg.train.steps, acc, student, opt, generator=gen, sampler=data.sampler,
                                config_toml=config_toml, keep_last=cfg.output.keep_last, sharded=True)
-    final = export_final(acc, student, out, cfg.output, config_toml, checkpoint=last)
+    final = export_final(acc, student, out, cfg.output, config_toml, checkpoint=last,
+                         metadata={BASE_KIND_KEY: "distilled"})
     end_run(acc, log)
     return final
