@@ -144,6 +144,13 @@ def scene(seed: int, index: int, style: bool = False) -> Scene:
     )
 
 
+def variant(s: Scene, rng: np.random.Generator) -> Scene:
+    """The same scene with its random placement (`jitter`, `offsets`) redrawn as `scene` draws it: what a perfect
+    model samples for the scene's caption (used for reference sets)."""
+    return dataclasses.replace(s, jitter=tuple(float(v) for v in rng.uniform(-0.03, 0.03, size=2)),
+                               offsets=tuple(float(v) for v in rng.uniform(-OFFSET, OFFSET, size=2)))
+
+
 def scenes(n: int, seed: int, style: bool = False, start: int = 0) -> list[Scene]:
     return [scene(seed, i, style) for i in range(start, start + n)]
 
