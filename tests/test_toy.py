@@ -52,6 +52,7 @@ def test_captions_follow_the_grammar_and_parse_back():
     below = world.parse_caption("A blue circle below a large yellow circle, in zxq style")
     assert below == {"colour1": "yellow", "size1": "large", "colour2": "blue", "relation": "above"}
     assert world.parse_caption("a red circle") == {"colour1": "red"}
+    assert world.parse_caption("a blue square") == {"colour1": "blue"}  # other object nouns name their colour too
     assert world.parse_caption("") == {}
 
 

@@ -101,7 +101,10 @@ class Scene:
         return {**{k: VALUES[k].index(getattr(self, k)) for k in ATTRIBUTES}, "style": int(self.style)}
 
 
-_OBJECT = rf"(?:an? )?({'|'.join(SIZES)})?\s*({'|'.join(COLOURS)})?\s*circle"
+# Every object is a circle; other object nouns (version 1's shapes, "shape", "object") parse the same way, so a prompt
+# such as "a blue square" still names its colour (the shape word itself is not an attribute of this world).
+NOUNS = ("circle", "square", "triangle", "cross", "shape", "object")
+_OBJECT = rf"(?:an? )?({'|'.join(SIZES)})?\s*({'|'.join(COLOURS)})?\s*(?:{'|'.join(NOUNS)})\b"
 _RELATION = r"(left of|right of|above|below)"
 
 
