@@ -1,16 +1,23 @@
 """`dev2pro toy build`: make the toy world's models with the project's own recipes, measure them, ship them.
 
     1. write the generator's base dataset (PNG + .txt, no style) into <work>/data
-    2. train-base   preset toy-pro (random init) -> toy-pro   flow loss, caption dropout 0.1 (CFG-capable teacher)
-    3. distill      toy-pro -> toy-dev                         guidance distillation, w ~ U[1, 5]
-    4. evaluate     judge prompt adherence: pro with CFG, dev with embedded guidance 3.5, real images for reference
-    5. install      toy-pro/toy-dev safetensors (BFL layout, bf16) and toy.json into the package's assets
+    2. judge        train the judge on fresh generator images (half styled), validate it per attribute
+    3. train-base   preset toy-pro (random init) -> toy-pro   flow loss, caption dropout 0.1 (CFG-capable teacher)
+    4. distill      toy-pro -> toy-dev                         guidance distillation, w ~ U[1, 5]
+    5. evaluate     the controls, judged on fresh captions: pro at CFG 1 / 3.5 / 4, dev at embedded g 1 / 3.5,
+                    dev with a dead guidance input (`dead_guidance`) at g 1 / 3.5, real images for reference
+    6. install      judge, toy-pro/toy-dev safetensors (BFL layout, bf16) and toy.json into the package's assets
 
 The recipes are called as library functions with their config dataclasses (exactly what `dev2pro train-base` and
 `dev2pro distill` do with a TOML file), through their normal data-folder path: nothing here is a toy-only branch of
 recipe code, and nothing here is a training loop.
 
-Pitfalls: the build is CPU-bound (tens of minutes on 2 cores); every stage is skipped when its output already exists
+The controls say whether the toy world is one where guidance matters (it is built so that it is: see
+docs/toy-world.md): pro's adherence at CFG 1 well below CFG 4, dev at g = 3.5 close to pro at CFG 3.5 and well above
+dev at g = 1, and the negative control, dev whose guidance embedding is held at its g = 1 output, showing no guidance
+response.
+
+Pitfalls: the build is CPU-bound (tens of minutes on one thread); every stage is skipped when its output already exists
 in <work>, so an interrupted build resumes where it stopped (use a fresh <work> to rebuild from scratch). The shipped
 files must stay small (< 20 MB in total): the toy presets are sized for that.
 """
@@ -21,6 +28,7 @@ import json
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,23 +42,29 @@ class BuildSettings:
     """Everything that decides the shipped toy models (recorded in toy.json)."""
 
     seed: int = 0
-    n_images: int = 20000
-    pro_steps: int = 4000
+    n_images: int = 8000
+    caption_noise: float = world.CAPTION_NOISE  # base data captions misname each attribute with this probability
+    judge_images: int = 8192
+    judge_steps: int = 1500
+    judge_seed: int = 7
+    pro_steps: int = 2200
     pro_batch: int = 32
     pro_lr: float = 1e-3
     timestep_sampling: str = "shift"  # U(0,1) then k t / (1 + (k-1) t): trains the high-noise times where shape is
     shift: float = 3.0  # decided (logit-normal left shapes at chance after 1,500 steps while colours were learned)
     caption_dropout: float = 0.1
-    distill_steps: int = 1000
+    distill_steps: int = 300  # the shipped build (time-boxed on a loaded CPU); 1,000 distils guidance more fully
     distill_batch: int = 32
     distill_lr: float = 3e-4
     w_min: float = 1.0
     w_max: float = 5.0
-    eval_prompts: int = 64
+    eval_prompts: int = 256
     eval_seeds: int = 2
-    eval_steps: int = 20
-    pro_cfg: float = 4.0
-    dev_guidance: float = 3.5
+    eval_steps: int = 12
+    eval_prompt_seed: int = 777
+    pro_cfgs: tuple[float, ...] = (1.0, 3.5, 4.0)
+    dev_guidances: tuple[float, ...] = (1.0, 3.5)
+    judge_val_images: int = 1024
 
 
 def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
@@ -98,11 +112,33 @@ def dev_config(s: BuildSettings, work: Path, teacher: Path):
 def write_data(s: BuildSettings, data_dir: Path) -> Path:
     if len(list(data_dir.glob("*.txt"))) == s.n_images:
         return data_dir
-    return world.write_dataset(data_dir, s.n_images, seed=s.seed)
+    return world.write_dataset(data_dir, s.n_images, seed=s.seed, caption_noise=s.caption_noise)
+
+
+@contextmanager
+def dead_guidance(model, value: float = 1.0):
+    """Negative control: while active, `model`'s guidance embedding outputs what it outputs for g = `value`, whatever
+    g is asked (a forward pre-hook feeds `time_text_embed.guidance_embedder` the sinusoidal code of `value`, scaled
+    by 1000 as diffusers' FluxTransformer2DModel scales g before `time_proj`). A model whose prompt adherence still
+    rose with g under this hook would be getting its guidance response from somewhere else."""
+    emb = model.time_text_embed
+    if not hasattr(emb, "guidance_embedder"):
+        raise ValueError("dead_guidance needs a model with a guidance embedding (a dev model)")
+
+    def hook(module, args):
+        proj = args[0]
+        g = torch.full((proj.shape[0],), value * 1000.0, device=proj.device, dtype=torch.float32)
+        return (emb.time_proj(g).to(proj.dtype),)
+
+    handle = emb.guidance_embedder.register_forward_pre_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
-def evaluate(model, judge, *, n_prompts: int = 64, seeds: int = 2, steps: int = 20, cfg: float = 1.0,
+def evaluate(model, judge, *, n_prompts: int = 256, seeds: int = 2, steps: int = 20, cfg: float = 1.0,
              guidance: float | None = None, prompt_seed: int = 777, progress: bool = False) -> dict:
     """Judge scores of `model` on `n_prompts` fresh generator captions x `seeds`: mean prompt adherence, accuracy per
     attribute, mean style probability, Frechet distance and diversity vs real images of the same captions."""
@@ -112,7 +148,7 @@ def evaluate(model, judge, *, n_prompts: int = 64, seeds: int = 2, steps: int = 
     real, captions, _ = world.make_batch(n_prompts, seed=prompt_seed)
     ae, text = world.ToyAutoencoder(), world.ToyTextEncoder()
     images = sampling.generate(model, ae, text, captions, height=world.IMAGE_SIZE, width=world.IMAGE_SIZE,
-                               steps=steps, guidance=guidance, cfg=cfg, seeds=range(seeds), batch_size=64,
+                               steps=steps, guidance=guidance, cfg=cfg, seeds=range(seeds), batch_size=128,
                                progress=progress)
     caps = [c for c in captions for _ in range(seeds)]
     sc = judge.score(images, caps)
@@ -120,6 +156,7 @@ def evaluate(model, judge, *, n_prompts: int = 64, seeds: int = 2, steps: int = 
     return {
         "adherence": float(sc["adherence"].mean()),
         "per_attribute": {k: float(v.nanmean()) for k, v in sc["correct"].items()},
+        "all_correct": float(torch.stack([v for v in sc["correct"].values()], 1).min(1).values.mean()),
         "style": float(sc["style"].mean()),
         "frechet_vs_real": frechet_distance(sc["features"], real_feats),
         "diversity": diversity(sc["features"]),
@@ -128,79 +165,149 @@ def evaluate(model, judge, *, n_prompts: int = 64, seeds: int = 2, steps: int = 
     }
 
 
-def install(pro: Path, dev: Path, meta: dict, asset_dir: Path | None = None) -> Path:
+def controls(ev: dict) -> dict:
+    """The positive and negative controls of a world where guidance matters, from the evaluations (adherence points
+    are percentage points), each with its target and whether it holds."""
+    a = {k: 100 * v["adherence"] for k, v in ev.items()}
+    checks = {  # name: (minuend, subtrahend, target, test)
+        "pro_cfg4_minus_cfg1": ("pro_cfg4", "pro_cfg1", ">= 15", lambda d: d >= 15),
+        "dev_g3.5_minus_pro_cfg3.5": ("dev_g3.5", "pro_cfg3.5", "within +-3", lambda d: abs(d) <= 3),
+        "dev_g3.5_minus_g1": ("dev_g3.5", "dev_g1", ">= 15", lambda d: d >= 15),
+        "dead_dev_g3.5_minus_g1": ("dead_dev_g3.5", "dead_dev_g1", "about 0 (within +-3)", lambda d: abs(d) <= 3),
+    }
+    out = {}
+    for name, (x, y, target, test) in checks.items():
+        if x in a and y in a:
+            d = a[x] - a[y]
+            out[name] = {"points": round(d, 2), "target": target, "holds": bool(test(d))}
+    return out
+
+
+def install(pro: Path, dev: Path, meta: dict, asset_dir: Path | None = None, judge: Path | None = None) -> Path:
     from dev2pro.toy.assets import ASSET_DIR, MODELS
 
     dst = Path(asset_dir) if asset_dir is not None else ASSET_DIR
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(pro, dst / MODELS["pro"])
     shutil.copyfile(dev, dst / MODELS["dev"])
+    if judge is not None:
+        shutil.copyfile(judge, dst / "judge.safetensors")
     (dst / "toy.json").write_text(json.dumps(meta, indent=2) + "\n")
     return dst
 
 
+def _timed(times: dict, key: str):
+    """Add the wall time of the `with` block to `times[key]`."""
+
+    @contextmanager
+    def block():
+        t0 = time.perf_counter()
+        yield
+        times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
+    return block()
+
+
+def _stage_json(path: Path, make) -> dict:
+    """A stage whose output is a JSON file: read it when it exists, else compute it with `make()` and write it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    out = make()
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def build(work: str | Path, settings: BuildSettings | None = None, *, install_to: str | Path | None = None,
           do_install: bool = True, progress: bool = True) -> dict:
-    """Run the whole build in `work` (resumable per stage); returns the description written to toy.json."""
+    """Run the whole build in `work` (resumable per stage: each stage is skipped when its output exists); returns the
+    description written to toy.json."""
     from dev2pro.flux.checkpoint import load_transformer
     from dev2pro.flux.sampling import save_grid
-    from dev2pro.toy.judge import Judge
+    from dev2pro.toy.judge import Judge, train_judge, validate
     from dev2pro.train.recipes import distill, train_base
 
     s = settings or BuildSettings()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
+    times_path = work / "times.json"
+    times: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
 
-    t0 = time.perf_counter()
-    write_data(s, work / "data")
-    times["data_s"] = time.perf_counter() - t0
+    def save_times():
+        times_path.write_text(json.dumps(times, indent=1) + "\n")
+
+    with _timed(times, "data_s"):
+        write_data(s, work / "data")
+    save_times()
+
+    judge_path = work / "judge.safetensors"
+    if not judge_path.exists():
+        with _timed(times, "judge_s"):
+            j = train_judge(n_images=s.judge_images, steps=s.judge_steps, seed=s.judge_seed, progress=progress)
+            acc = validate(j, n=s.judge_val_images)
+            j.save(judge_path, {"steps": s.judge_steps, "images": s.judge_images, "seed": s.judge_seed,
+                                "accuracy": acc})
+            (work / "judge.json").write_text(json.dumps(acc, indent=1) + "\n")
+        save_times()
+    judge = Judge.load(judge_path)
+    judge_acc = _stage_json(work / "judge.json", lambda: validate(judge, n=s.judge_val_images))
 
     pro_path = work / "pro" / "toy-pro.safetensors"
-    t0 = time.perf_counter()
     if not pro_path.exists():
-        pro_path = train_base.run(pro_config(s, work), resume=(work / "pro").exists())
-    times["pro_s"] = time.perf_counter() - t0
+        with _timed(times, "pro_s"):
+            pro_path = train_base.run(pro_config(s, work), resume=(work / "pro").exists())
+        save_times()
 
     dev_path = work / "dev" / "toy-dev.safetensors"
-    t0 = time.perf_counter()
     if not dev_path.exists():
-        dev_path = distill.run(dev_config(s, work, pro_path), resume=(work / "dev").exists())
-    times["dev_s"] = time.perf_counter() - t0
+        with _timed(times, "dev_s"):
+            dev_path = distill.run(dev_config(s, work, pro_path), resume=(work / "dev").exists())
+        save_times()
 
-    t0 = time.perf_counter()
-    judge = Judge.load()
-    common = dict(n_prompts=s.eval_prompts, seeds=s.eval_seeds, steps=s.eval_steps, progress=progress)
+    common = dict(n_prompts=s.eval_prompts, seeds=s.eval_seeds, steps=s.eval_steps, prompt_seed=s.eval_prompt_seed,
+                  progress=progress)
     pro = load_transformer(str(pro_path), dtype=torch.float32)
     dev = load_transformer(str(dev_path), dtype=torch.float32)
-    evals = {
-        f"pro_cfg{s.pro_cfg:g}": evaluate(pro, judge, cfg=s.pro_cfg, **common),
-        "pro_cfg1": evaluate(pro, judge, cfg=1.0, **common),
-        f"dev_g{s.dev_guidance:g}": evaluate(dev, judge, guidance=s.dev_guidance, **common),
-        "dev_g1": evaluate(dev, judge, guidance=1.0, **common),
-    }
-    real, captions, _ = world.make_batch(s.eval_prompts, seed=777)
+    jobs = {f"pro_cfg{c:g}": (pro, dict(cfg=c), False) for c in s.pro_cfgs}
+    jobs |= {f"dev_g{g:g}": (dev, dict(guidance=g), False) for g in s.dev_guidances}
+    jobs |= {f"dead_dev_g{g:g}": (dev, dict(guidance=g), True) for g in s.dev_guidances}
+    (work / "eval").mkdir(exist_ok=True)
+    evals = {}
+    for name, (model, kw, dead) in jobs.items():  # one JSON per condition, so an interrupted evaluation resumes
+        out = work / "eval" / f"{name}.json"
+        if not out.exists():
+            with _timed(times, "eval_s"):
+                if dead:
+                    with dead_guidance(model):
+                        ev = evaluate(model, judge, **kw, **common)
+                else:
+                    ev = evaluate(model, judge, **kw, **common)
+            save_grid(ev.pop("images")[:64], work / "eval" / f"{name}.png", ncols=8)
+            ev.pop("captions")
+            out.write_text(json.dumps(ev, indent=1) + "\n")
+            save_times()
+        evals[name] = json.loads(out.read_text())
+    real, captions, _ = world.make_batch(s.eval_prompts, seed=s.eval_prompt_seed)
     real_score = judge.score(real, captions)
-    times["eval_s"] = time.perf_counter() - t0
-    for name, ev in evals.items():
-        save_grid(ev.pop("images")[:64], work / f"eval-{name}.png", ncols=8)
-        ev.pop("captions")
 
     from dev2pro.flux.models import PRESETS
 
     meta = {
+        "world": "v2: two objects (colour, shape, size bound to each) left of / above each other",
         "settings": asdict(s),
         "presets": {k: asdict(PRESETS[k]) for k in ("toy-pro", "toy-dev")},
         "params": {k: PRESETS[k].num_params() for k in ("toy-pro", "toy-dev")},
         "autoencoder": world.ToyAutoencoder().identity,
         "text_encoder": world.ToyTextEncoder().identity,
         "image_size": world.IMAGE_SIZE,
+        "judge_accuracy": judge_acc,
         "eval": {"real_images_adherence": float(real_score["adherence"].mean()), **evals},
+        "controls": controls(evals),
+        "command": f"dev2pro toy build --threads 1 --pro-steps {s.pro_steps} --distill-steps {s.distill_steps}",
         "build_seconds": {k: round(v, 1) for k, v in times.items()},
         "build_total_seconds": round(sum(times.values()), 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
     }
     (work / "toy.json").write_text(json.dumps(meta, indent=2) + "\n")
     if do_install:
-        install(pro_path, dev_path, meta, install_to)
+        install(pro_path, dev_path, meta, install_to, judge=judge_path)
     return meta

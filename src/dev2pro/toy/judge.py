@@ -1,9 +1,9 @@
 """The toy world's automatic judge: a small CNN probe trained on generator images, plus the distribution metrics.
 
-What: `JudgeNet` reads a (b, 3, 32, 32) image in [-1, 1] and predicts each scene attribute (shape, colour,
-background, size, position) and whether the image is in the held-out "zxq" style; its penultimate layer gives
-`features` for a Frechet distance (FID's formula on our own features) and a diversity score (mean pairwise feature
-distance). `Judge.score(images, captions)` turns those into per-image prompt adherence (fraction of the attributes the
+What: `JudgeNet` reads a (b, 3, 32, 32) image in [-1, 1] and predicts each scene attribute (`world.ATTRIBUTES`:
+each object's colour and size, object 1 being the left or top one, and their relation) and whether the image is in
+the held-out "zxq" style; its penultimate layer gives `features` for a Frechet distance (FID's formula on our own
+features) and a diversity score (mean pairwise feature distance). `Judge.score(images, captions)` turns those into per-image prompt adherence (fraction of the attributes the
 caption names that the probe recovers) and style probability. The shipped weights (`assets/toy/judge.safetensors`)
 are trained by `train_judge` (also `dev2pro toy judge`) on styled and plain images, so attributes are read through
 the style too.
@@ -27,22 +27,8 @@ from torch import nn
 
 from dev2pro.toy import world
 
-HEADS: dict[str, int] = {
-    "shape": len(world.SHAPES),
-    "colour": len(world.COLOURS),
-    "background": len(world.BACKGROUNDS),
-    "size": len(world.SIZES),
-    "position": len(world.POSITIONS),
-    "style": 2,
-}
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
-    "shape": world.SHAPES,
-    "colour": tuple(world.COLOURS),
-    "background": tuple(world.BACKGROUNDS),
-    "size": tuple(world.SIZES),
-    "position": world.POSITIONS,
-    "style": ("plain", "styled"),
-}
+CLASS_NAMES: dict[str, tuple[str, ...]] = {**world.VALUES, "style": ("plain", "styled")}
+HEADS: dict[str, int] = {k: len(v) for k, v in CLASS_NAMES.items()}
 FEATURE_DIM = 64
 
 
