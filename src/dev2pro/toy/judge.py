@@ -3,8 +3,8 @@
 What: `JudgeNet` reads a (b, 3, 32, 32) image in [-1, 1] and predicts each scene attribute (`world.ATTRIBUTES`:
 each object's colour and size, object 1 being the left or top one, and their relation) and whether the image is in
 the held-out "zxq" style; its penultimate layer gives `features` for a Frechet distance (FID's formula on our own
-features) and a diversity score (mean pairwise feature distance). `Judge.score(images, captions)` turns those into per-image prompt adherence (fraction of the attributes the
-caption names that the probe recovers) and style probability. The shipped weights (`assets/toy/judge.safetensors`)
+features) and a diversity score (mean pairwise feature distance). `Judge.score(images, captions)` turns those into
+per-image prompt adherence (fraction of the attributes the caption names that the probe recovers) and style probability. The shipped weights (`assets/toy/judge.safetensors`)
 are trained by `train_judge` (also `dev2pro toy judge`) on styled and plain images, so attributes are read through
 the style too.
 
