@@ -1,12 +1,12 @@
 """The toy world's automatic judge: a small CNN probe trained on generator images, plus the distribution metrics.
 
-What: `JudgeNet` reads a (b, 3, 32, 32) image in [-1, 1] and predicts each scene attribute (`world.ATTRIBUTES`:
-each object's colour and size, object 1 being the left or top one, and their relation) and whether the image is in
-the held-out "zxq" style; its penultimate layer gives `features` for a Frechet distance (FID's formula on our own
-features) and a diversity score (mean pairwise feature distance). `Judge.score(images, captions)` turns those into
-per-image prompt adherence (fraction of the attributes the caption names that the probe recovers) and style
-probability. The shipped weights (`assets/toy/judge.safetensors`) are trained by `train_judge` (also `dev2pro toy judge`) on styled and plain images, so attributes are read through
-the style too.
+What: `JudgeNet` reads a (b, 3, 32, 32) image in [-1, 1] and predicts each scene attribute (`world.ATTRIBUTES`: each
+object's colour and size, object 1 being the left or top one, and their relation) and whether the image is in the
+held-out "zxq" style; its penultimate layer gives `features` for a Frechet distance (FID's formula on our own features)
+and a diversity score (mean pairwise feature distance). `Judge.score(images, captions)` turns those into per-image
+prompt adherence (fraction of the attributes the caption names that the probe recovers) and style probability. The
+shipped weights (`assets/toy/judge.safetensors`) are trained by `train_judge` (also `dev2pro toy judge`) on styled and
+plain images, so attributes are read through the style too.
 
 Reference: Heusel et al. 2017 (FID): d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)); the trace of the
 matrix square root is computed as sum(sqrt(eig(S_a^(1/2) S_b S_a^(1/2)))), symmetric and stable, in float64.
