@@ -116,20 +116,18 @@ def eval_prompts(plan: DemoPlan) -> tuple[str, ...]:
 
 
 def write_reference(folder: Path, plan: DemoPlan) -> Path:
-    """Each evaluation scene rendered `reference_variants` times with seeded sub-pixel jitter (as the generator
-    draws it): the distribution a perfect model would sample for the evaluation prompts."""
+    """Each evaluation scene rendered `reference_variants` times with its random placement redrawn as the generator
+    draws it (`world.variant`): the distribution a perfect model would sample for the evaluation prompts."""
     import numpy as np
     from PIL import Image
 
-    from dev2pro.toy.world import render
+    from dev2pro.toy.world import render, variant
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(plan.seed + 3001)
     for i, sc in enumerate(eval_scenes(plan)):
         for k in range(plan.reference_variants):
-            jitter = tuple(float(v) for v in rng.uniform(-0.03, 0.03, size=2))  # the range world.scene draws
-            variant = dataclasses.replace(sc, jitter=jitter) if hasattr(sc, "jitter") else sc
-            Image.fromarray(render(variant)).save(folder / f"{i:03d}-{k:02d}.png")
+            Image.fromarray(render(variant(sc, rng))).save(folder / f"{i:03d}-{k:02d}.png")
     return folder
 
 
