@@ -64,9 +64,9 @@ def _compare(fp8_base: bool, swap: bool, backend: str, buckets):
 @pytest.mark.slow
 def test_compiled_blocks_match_eager_and_do_not_recompile_per_bucket():
     stats, breaks = _compare(fp8_base=True, swap=True, backend="aot_eager", buckets=BUCKETS)
-    # 2 block classes; the frames dynamo compiles: each class's forward once (symbolic sequence length), shared by
-    # both blocks of the class and every bucket. Without the dynamic marks this would be 2 per class (static, then
-    # automatic dynamic on the second shape).
+    # 2 block classes, each compiled for the forward and for the checkpointing recompute, once, with a symbolic
+    # sequence length: 4 graphs shared by both blocks of each class and every bucket. Measured without the dynamic
+    # marks: 6 (a static graph per class first, then automatic dynamic shapes on the second bucket).
     assert stats["unique_graphs"] <= 4, stats
     assert stats["calls_captured"] > 0 and not breaks, (stats, breaks)
 
