@@ -117,19 +117,12 @@ def test_checkpointing_and_swap_reduce_the_estimate():
 def test_estimate_within_20_percent_of_measured_cpu_peak():
     spec = dataclasses.replace(SMALL, depth=1)
     base = me.Job(spec=spec, rank=8, resolution=256, text_len=32, weight_dtype="fp32", autocast=False)
-    # block swap (the trainer's `BlockSwap`, both devices the CPU): 6 of 3 + 4 blocks swapped, checkpointing on
-    # so that the weights dominate; measured peak minus the offloaded master copies, within 15%
-    deep = dataclasses.replace(spec, depth=3, depth_single_blocks=4)
-    swapped = dataclasses.replace(base, spec=deep, blocks_to_swap=6, gradient_checkpointing=True, resolution=128)
-    jobs = [base, dataclasses.replace(base, weight_dtype="fp8"), swapped]
+    jobs = [base, dataclasses.replace(base, weight_dtype="fp8")]
     measured = pm.measure_peak_cpu(jobs, steps=2)
     for job, m in zip(jobs, measured):
         predicted = me.estimate(job).peak
         assert m > 10 * 2**20, "the job must dominate the measurement noise"
-        bound = 0.15 if job.gradient_checkpointing else 0.20
-        assert pm.relative_error(predicted, m) < bound, (pm.describe(job), predicted / 2**20, m / 2**20)
-    # without swap the estimate is ~1.6x (measured side by side in bench/block_swap_memory.py)
-    assert measured[2] < 0.75 * me.estimate(dataclasses.replace(swapped, blocks_to_swap=0)).peak
+        assert pm.relative_error(predicted, m) < 0.20, (pm.describe(job), predicted / 2**20, m / 2**20)
 
 
 def test_cli_prints_breakdown_and_fits(capsys):
