@@ -25,11 +25,18 @@ BENCHES = [("a", train_step), ("b", lora_memory), ("c", fp8_error), ("d", conver
 
 GPU_NOTE = """## GPU: `bench/gpu_lora_step.py`
 
-Real-size random-init FLUX.1-dev transformer (no download), LoRA rank 16 on a bf16 base and on an fp8 base (channel
-scales; plus the `torch._scaled_mm` forward where `Fp8Linear.use_scaled_mm` applies), 512 and 1024 px, batch 1,
-gradient checkpointing: steps/s and `torch.cuda.max_memory_allocated`, next to plan-memory's estimate.
-Command: `.venv/bin/python bench/gpu_lora_step.py --out docs/gpu_lora_step.md`.
-**Not run yet**: no H100/H200 was lent to the session that wrote these benchmarks. The script was checked
+Real-size random-init FLUX.1-dev transformer (no download; built on meta, cast to bf16, materialised on the GPU),
+LoRA rank 16 (attention), 512 and 1024 px, batch 1, gradient checkpointing, bf16 autocast. Variants
+`base[+swapN][+compile]`: bases `bf16`, `fp8` (dequantize + bf16 matmul), `fp8-mm` (train.fp8_matmul: `_scaled_mm`
+forward, bf16 input gradient), `fp8-mm-e5m2` (input gradient through `_scaled_mm` too); `swapN` = train.blocks_to_swap,
+`compile` = train.compile. Reported: steps/s, `torch.cuda.max_memory_allocated`, plan-memory's estimate, TFLOP per
+step (forward + input-gradient backward, no recompute) and MFU against `--peak-tflops` (989: H100/H200 dense bf16).
+Commands (each under the 10-minute limit of one call; the default variant list is
+`bf16,bf16+compile,fp8,fp8-mm,fp8-mm+compile,fp8-mm-e5m2+compile,fp8-mm+swap20`):
+`.venv/bin/python bench/gpu_lora_step.py --resolutions 512 --out docs/gpu_lora_step_512.md` and
+`.venv/bin/python bench/gpu_lora_step.py --resolutions 1024 --bases fp8-mm+swap10,fp8-mm+swap20,bf16,fp8-mm+compile
+--out docs/gpu_lora_step_1024.md`.
+**Not run yet**: no H100/H200 was lent to the sessions that wrote these benchmarks. The script was checked
 on the CPU with `--preset tiny-dev --device cpu --steps 2` (tests/test_bench_smoke.py)."""
 
 

@@ -53,7 +53,8 @@ def test_peak_rss_of_sees_an_allocation_of_known_size():
     from bench import common
 
     peak, base, _ = common.peak_rss_of("b = b'x' * (64 * 2**20)\ndel b")  # 64 MiB, every page written
-    assert 64 * MiB <= peak - base < 80 * MiB, ((peak - base) / MiB)
+    # >= 60 MiB, not 64: pages the allocator already held at the baseline are reused (63.9 MiB seen under load)
+    assert 60 * MiB <= peak - base < 80 * MiB, ((peak - base) / MiB)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

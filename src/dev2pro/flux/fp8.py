@@ -26,8 +26,8 @@ embeddings, the model's input and output projections).
 `Fp8Linear` keeps the fp8 weight as a frozen parameter and dequantizes it to the input's dtype in `forward`
 (bf16/fp32 compute). A small autograd function saves the fp8 weight, not the dequantized copy, for backward, so
 training a LoRA on an fp8 base does not hold a high-precision copy of every weight until backward. On CUDA GPUs
-with fp8 tensor cores (compute capability >= 8.9) it can use `torch._scaled_mm` when `use_scaled_mm` is set and no
-gradient is needed (inference); `_scaled_mm` has no backward.
+with fp8 tensor cores (compute capability >= 8.9) it uses `torch._scaled_mm` when `use_scaled_mm` is set (inference
+and training: `dev2pro.flux.fp8_matmul` has the activation scaling, the backward and the fallback rule).
 peft LoRA wraps it like any `nn.Linear` (it is a subclass): peft reads `compute_dtype` (as it does for bitsandbytes
 layers) to pick the adapter dtype, and we set it to float32, so LoRA weights are created in fp32 instead of being
 cast to the base weight's fp8 dtype (peft casts adapters to the base dtype whenever it is a floating dtype, which
@@ -41,6 +41,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dev2pro.flux.fp8_matmul import BACKWARDS, fp8_linear, scaled_mm_ok
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -105,14 +107,6 @@ def relative_rms(approx: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err / den) if den > 0 else float(err)
 
 
-def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not (x.is_cuda and hasattr(torch, "_scaled_mm")) or torch.is_grad_enabled() and x.requires_grad:
-        return False
-    major, minor = torch.cuda.get_device_capability(x.device)
-    k, n = weight.shape[1], weight.shape[0]
-    return (major, minor) >= (8, 9) and k % 16 == 0 and n % 16 == 0
-
-
 class _Fp8LinearFn(torch.autograd.Function):
     """`F.linear(x, dequantize(w8, scale), bias)` that saves the fp8 weight for backward, not its dequantized copy:
     with plain `F.linear` autograd would keep one bf16/fp32 weight per layer alive until backward (the whole model
@@ -154,7 +148,9 @@ class Fp8Linear(nn.Linear):
         scale_shape = {"none": None, "tensor": (), "channel": (out_features,)}[scaling]
         self.register_buffer("scale_weight", None if scale_shape is None else
                              torch.ones(scale_shape, dtype=torch.float32, device=device))
-        self.use_scaled_mm = False
+        self.use_scaled_mm = False  # fp8 matmuls (`dev2pro.flux.fp8_matmul`) where the gate allows
+        self.scaled_mm_force = False  # tests: take the `_scaled_mm` path on the CPU too
+        self.scaled_mm_backward = "dequant"
 
     @property
     def scaling(self) -> str:
@@ -182,30 +178,10 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype if x.dtype.is_floating_point else torch.float32
-        if self.use_scaled_mm and _scaled_mm_ok(x, self.weight):
-            return self._forward_scaled_mm(x)
+        if self.use_scaled_mm and x.dtype.is_floating_point and scaled_mm_ok(x, self.weight, self.scaled_mm_force):
+            return fp8_linear(x, self.weight, self.scale_weight, self.bias, self.scaled_mm_backward)
         bias = self.bias.to(dtype) if self.bias is not None else None
         return _Fp8LinearFn.apply(x, self.weight, self.scale_weight, bias)
-
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """fp8 x fp8 matmul on tensor cores: activations quantized per row (channel) or per tensor on the fly."""
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        rowwise = self.scaling == "channel"
-        amax = x2.abs().amax(dim=1, keepdim=True) if rowwise else x2.abs().amax()
-        sx = (amax.float() / FP8_MAX).clamp(min=1e-12)
-        x8 = (x2.float() / sx).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        if self.scale_weight is None:
-            sw = torch.ones((), device=x.device)
-        else:
-            sw = self.scale_weight.reshape(1, -1) if rowwise else self.scale_weight.reshape(())
-        if not rowwise:
-            sx = sx.reshape(())
-        bias = self.bias.to(x.dtype) if self.bias is not None and x.dtype != torch.float32 else None
-        out = torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=x.dtype)
-        if self.bias is not None and bias is None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], -1)
 
     def _apply(self, fn, recurse=True):
         # `model.to(dtype)` must move the fp8 weight and fp32 scale between devices but never change their dtype.
@@ -247,3 +223,15 @@ def swap_linears_to_fp8(model: nn.Module, scaling: str = "none", skip=None) -> n
 
 def fp8_linears(model: nn.Module) -> dict[str, Fp8Linear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def enable_fp8_matmul(model: nn.Module, backward: str = "dequant", force: bool = False) -> int:
+    """Switch every `Fp8Linear` of `model` to fp8 matmuls (`train.fp8_matmul`); returns how many. Each layer still
+    falls back to the dequantize path where `fp8_matmul.scaled_mm_ok` says no (CPU without `force`, old GPUs, shapes
+    that are not multiples of 16)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"unknown fp8 matmul backward '{backward}' (choose from {', '.join(BACKWARDS)})")
+    layers = fp8_linears(model).values()
+    for lin in layers:
+        lin.use_scaled_mm, lin.scaled_mm_force, lin.scaled_mm_backward = True, force, backward
+    return len(layers)

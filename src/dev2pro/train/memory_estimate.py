@@ -10,7 +10,8 @@ biases, norm scales, embedders and the final layer stay in the compute dtype (`f
 `Fp8Linear` dequantizes its weight in `forward` and calls `F.linear`, so autograd keeps the dequantized copy for the
 input gradient whenever the input requires grad (every block after the first LoRA); `fp8_saves_dequantized_weight()`
 checks this on a tiny layer and the estimate then adds those copies to the activations. With block swap, `swap` of
-the `depth + depth_single_blocks` blocks live on the CPU and one staging block is resident besides the others.
+the `depth + depth_single_blocks` blocks live on the CPU (double blocks first) and at most two of them are on the
+GPU at a time (the one running and the one being prefetched), the rule `dev2pro.train.block_swap` runs.
 
 Trainable state (AdamW, `torch.optim.AdamW`: two moments in the parameter dtype). LoRA: `r (in + out)` fp32
 parameters per wrapped linear, plus fp32 grads and two fp32 moments: 16 bytes per LoRA parameter. Full fine-tune:
@@ -257,13 +258,16 @@ def estimate(job: Job, fp8_weight_copies: bool | None = None) -> Breakdown:
         block_bytes = {k: v * wb for k, v in bp.items()}
         weights = total * wb
     if job.blocks_to_swap:
-        # Swap the largest blocks first (double blocks, as kohya does), keep one staging block resident.
-        n_d = min(job.blocks_to_swap, spec.depth)
-        n_s = job.blocks_to_swap - n_d
-        off = n_d * block_bytes["double"] + n_s * block_bytes["single"]
-        stage = block_bytes["double"] if n_d else block_bytes["single"]
-        weights = weights - off + stage
-        notes.append(f"block swap: {job.blocks_to_swap} of {nblocks} blocks on the CPU, 1 staging block on the GPU")
+        # The trainer's rule (dev2pro.train.block_swap): double blocks first, at most 2 swapped blocks resident.
+        from dev2pro.train.block_swap import MAX_RESIDENT_SWAPPED, swapped_indices
+
+        sizes = sorted((block_bytes["double"] if i < spec.depth else block_bytes["single"]
+                        for i in swapped_indices(spec.depth, spec.depth_single_blocks, job.blocks_to_swap)),
+                       reverse=True)
+        stage = sum(sizes[:MAX_RESIDENT_SWAPPED])
+        weights = weights - sum(sizes) + stage
+        notes.append(f"block swap: {job.blocks_to_swap} of {nblocks} blocks on the CPU, up to "
+                     f"{min(MAX_RESIDENT_SWAPPED, len(sizes))} of them on the GPU at a time")
     # Trainable state.
     if job.method == "lora":
         n_train = lora_params(spec, job.rank, job.targets)

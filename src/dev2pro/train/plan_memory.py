@@ -11,8 +11,10 @@ peak counter, so the job runs in a fresh subprocess with `MALLOC_MMAP_THRESHOLD_
 its own mmap, returned to the OS when freed, so the resident set follows the live tensors), the peak resident set
 (`VmHWM`) is reset through `/proc/self/clear_refs` after imports, a warm-up on a throwaway model and building the
 model (it is initialised in fp32 and then cast), and the reported peak is `VmHWM` over two training steps (the second
-has AdamW state) minus `VmRSS` before the model was built. oneDNN is switched off in that process: for bf16 it keeps a
-persistent cache on the CPU (~30 MB at hidden 256) that has no GPU counterpart. Linux only.
+has AdamW state) minus `VmRSS` before the model was built. With block swap both devices are the CPU: the swapped
+blocks' master copies (host memory on a GPU machine) are subtracted, what remains is what a GPU would hold. oneDNN
+is switched off in that process: for bf16 it keeps a persistent cache on the CPU (~30 MB at hidden 256) that has no
+GPU counterpart. Linux only.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def report(job: Job) -> str:
     for gb, rows in fits(job, fp8_copies).items():
         txt = "; ".join(f"{describe(j).split(', ', 1)[1]} -> {bb.gpu_total / GiB:.1f}" for j, bb in rows[:3])
         lines.append(f"  {gb:>3d} GB: {txt or 'nothing in this grid fits'}")
-    lines.append("  (swap=N: N blocks held on the CPU and streamed in, as kohya/ai-toolkit/SimpleTuner offer; "
-                 "dev2pro's own trainers do not implement block swap yet)")
+    lines.append("  (swap=N: train.blocks_to_swap = N, N blocks held in CPU memory and streamed to the GPU as they "
+                 "run)")
     return "\n".join(lines)
 
 
@@ -212,12 +214,18 @@ def _child(args: dict) -> list[int]:
         gc.collect()
         base = _status_kib("VmRSS")
         model, params, opt = build(job, spec)  # built in fp32 then cast: reset the high-water mark after it
+        offloaded = 0
+        if job.blocks_to_swap:  # the trainer's block swap with "cpu" as both devices; the offloaded copies (the
+            from dev2pro.train.block_swap import BlockSwap  # original tensors) are host memory: not counted
+
+            swap = BlockSwap(model, job.blocks_to_swap, "cpu")
+            offloaded = sum(h.numel() * h.element_size() for hs in swap.host.values() for h in hs)
         batch = inputs(job, spec, job.resolution // 16, job.text_len)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         for _ in range(int(args.get("steps", 2))):
             step(job, model, opt, batch)
-        peaks.append((_status_kib("VmHWM") - base) * 1024)
+        peaks.append((_status_kib("VmHWM") - base) * 1024 - offloaded)
         del model, params, opt, batch
         gc.collect()
     return peaks

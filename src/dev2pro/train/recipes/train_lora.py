@@ -11,7 +11,8 @@ The dev2pro recipe trains on a de-distilled base (the fp8 file) at g = 1.0 and a
 value is recorded in the LoRA metadata. The base stays frozen in the dtype it was loaded in (bf16, or fp8 through
 `dev2pro.flux.fp8.Fp8Linear`); LoRA weights are fp32 (`dev2pro.lora.inject.add_lora`);
 `train.mixed_precision = "bf16"` runs the
-matmuls under bf16 autocast.
+matmuls under bf16 autocast. `train.fp8_matmul`, `train.blocks_to_swap` and `train.compile` (speed and memory on
+consumer GPUs) are applied by `dev2pro.train.speed.prepare_model` once the LoRA is in place.
 
 `model.adapter` (issue 6): a LoRA file (e.g. `dev2pro lora extract dev dev2pro` = a "de-distill adapter") attached to
 the base as a frozen, unmerged peft adapter, so one trains on "dev + adapter" with one 12B file. Unmerged rather than
@@ -52,6 +53,7 @@ from dev2pro.train.flow_step import flow_micro_steps
 from dev2pro.train.lora_export import LoraExporter, step_file
 from dev2pro.train.optim import LrSchedule, due, finish_step, make_optimizer, optimizer_label
 from dev2pro.train.run_logs import end_run, open_run_logs, prepare_output_dir, progress
+from dev2pro.train.speed import LoraTrainConfig
 
 ADAPTER_NAME = "dev2pro_adapter"  # peft adapter name of model.adapter (the trained LoRA is "default")
 
@@ -66,7 +68,7 @@ class LoraSampleConfig(SampleConfig):
 @dataclass(frozen=True)
 class TrainLoraConfig:
     model: ModelConfig
-    train: TrainConfig
+    train: LoraTrainConfig
     output: LoraOutputConfig
     data: DataConfig | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -100,6 +102,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     from dev2pro.lora.files import load_lora
     from dev2pro.lora.inject import add_lora, apply_lora, lora_state_dict, set_lora_strength
     from dev2pro.train import monitor as M
+    from dev2pro.train import speed
 
     # ---- setup
     acc = setup_accelerator(cfg.train)
@@ -107,7 +110,7 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     resume_from = find_resume(out, resume)
     data = get_train_data(data, cfg.data, cfg.model, acc, cfg.train, cfg.sample)
     torch.manual_seed(cfg.train.seed)
-    model = load_model(cfg.model.base, cfg.model.dtype, acc.device)
+    model = load_model(cfg.model.base, cfg.model.dtype, speed.load_device(cfg.train, acc.device))
     check_compute_dtype(model, cfg.train)
     has_g = has_guidance_embed(model)
     check_guidance_loss(cfg.train, has_g, cfg.model.base)
@@ -120,8 +123,11 @@ def run(cfg: TrainLoraConfig, *, resume: bool = False, data: TrainData | None = 
     model.train()
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    swap = speed.prepare_model(model, cfg.train, acc.device, acc.num_processes)
     probe = M.GuidanceProbe.build(model, data, cfg.monitor, acc.device) if cfg.monitor.every > 0 else None
-    model = distribute(acc, model, cfg.distributed, cfg.train)
+    # block swap places the model itself (swapped blocks' weights stay on the CPU): accelerate must not move it
+    model = acc.prepare_model(model, device_placement=False) if swap else distribute(acc, model, cfg.distributed,
+                                                                                       cfg.train)
     opt = acc.prepare_optimizer(make_optimizer(model.parameters(), cfg.train))
     schedule = LrSchedule(opt, cfg.train)
     gen = torch.Generator().manual_seed(cfg.train.seed)
