@@ -7,6 +7,12 @@ re-encodes custom per-image prompts when the text encoders are not trained), sam
 (`compute_loss_weighting_for_sd3`), `accelerator.backward`, clip, AdamW step, LR scheduler step, zero_grad.
 peft LoRA via `transformer.add_adapter(LoraConfig(...))`, no torch.compile. Images are read with PIL and converted with
 numpy (torchvision does not work on this machine), as the script's Resize/CenterCrop/ToTensor/Normalize would.
+
+`mixed_precision="bf16"` is the script's `--mixed_precision bf16`: the frozen transformer (and the encoders, see
+`PipelineEncoders`) cast to bf16 (`weight_dtype`), the LoRA parameters upcast to fp32 (`cast_training_params`), the
+forward under accelerate's bf16 autocast. `PipelineEncoders` gives the script's real encoders from a `FluxPipeline`
+folder: `encode_prompt` (CLIP pooled + T5, `max_sequence_length`) and `vae.encode(...).latent_dist.sample()` with the
+VAE's shift/scale.
 """
 
 from __future__ import annotations
@@ -32,21 +38,70 @@ def load_batch(paths: list[Path], size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(imgs), prompts
 
 
+class PipelineEncoders:
+    """The script's text and image encoding from a saved `FluxPipeline` folder (`.encode(prompts)` gives
+    (prompt_embeds, pooled_prompt_embeds) as `compute_text_embeddings` does; `.encode(pixels)` the scaled latents),
+    with every encoder in `weight_dtype` as the script casts them."""
+
+    def __init__(self, folder: str | Path, weight_dtype: torch.dtype = torch.float32, max_sequence_length: int = 512):
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        folder = Path(folder)
+        self.max_sequence_length = max_sequence_length
+        self.tokenizers = [AutoTokenizer.from_pretrained(folder / "tokenizer"),
+                           AutoTokenizer.from_pretrained(folder / "tokenizer_2")]
+        self.text_encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder").to(dtype=weight_dtype),
+                              T5EncoderModel.from_pretrained(folder / "text_encoder_2").to(dtype=weight_dtype)]
+        for m in self.text_encoders:
+            m.requires_grad_(False).eval()
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(dtype=weight_dtype).requires_grad_(False).eval()
+        self.text = _Text(self)
+        self.image = _Image(self)
+
+
+class _Text:
+    def __init__(self, enc: PipelineEncoders):
+        self.enc = enc
+
+    def encode(self, prompts: list[str]):
+        from diffusers import FluxPipeline
+
+        # the script's encode_prompt (a FluxPipeline with only the text parts, as `compute_text_embeddings` uses)
+        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=self.enc.text_encoders[0],
+                            tokenizer=self.enc.tokenizers[0], text_encoder_2=self.enc.text_encoders[1],
+                            tokenizer_2=self.enc.tokenizers[1], transformer=None)
+        prompt_embeds, pooled, _text_ids = pipe.encode_prompt(prompts, prompt_2=None, device=torch.device("cpu"),
+                                                              max_sequence_length=self.enc.max_sequence_length)
+        return prompt_embeds, pooled
+
+
+class _Image:
+    def __init__(self, enc: PipelineEncoders):
+        self.vae = enc.vae
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+
 def train(transformer, vae, text_encoder, data_dir: Path, *, steps: int, batch_size: int, size: int, rank: int,
-          lr: float = 1e-4, guidance: float = 1.0, seed: int = 0) -> list[float]:
-    """Train `steps` steps; returns the wall time of each step (seconds)."""
+          lr: float = 1e-4, guidance: float = 1.0, seed: int = 0, mixed_precision: str = "no") -> list[float]:
+    """Train `steps` steps; returns the wall time of each step (seconds). `mixed_precision`: "no" or "bf16"."""
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
     from peft import LoraConfig
 
-    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    weight_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     torch.manual_seed(seed)
     transformer.requires_grad_(False)
+    transformer.to(dtype=weight_dtype)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=ATTENTION_TARGETS))
     params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
+    for p in params:  # cast_training_params: the LoRA trains in fp32
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -61,16 +116,16 @@ def train(transformer, vae, text_encoder, data_dir: Path, *, steps: int, batch_s
         pixels, prompts = load_batch([files[i] for i in idx], size)
         with torch.no_grad():
             prompt_embeds, pooled_prompt_embeds = text_encoder.encode(prompts)  # every step (custom prompts)
-            latents = vae.encode(pixels)  # every step (no --cache_latents)
+            latents = vae.encode(pixels).to(weight_dtype)  # every step (no --cache_latents)
         b, c, h, w = latents.shape
         latent_image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
-        text_ids = torch.zeros(prompt_embeds.shape[1], 3)
+        text_ids = torch.zeros(prompt_embeds.shape[1], 3, dtype=latents.dtype)
         noise = torch.randn_like(latents)
         u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=b, logit_mean=0.0,
                                                   logit_std=1.0, mode_scale=1.29)
         indices = (u * noise_scheduler.config.num_train_timesteps).long()
         timesteps = noise_scheduler.timesteps[indices]
-        sigmas = noise_scheduler.sigmas[indices].flatten().view(b, 1, 1, 1)
+        sigmas = noise_scheduler.sigmas[indices].flatten().view(b, 1, 1, 1).to(latents.dtype)
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         guidance_t = torch.full((b,), guidance) if has_guidance else None

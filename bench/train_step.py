@@ -26,10 +26,11 @@ GOAL = 1.3
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, rank: int) -> tuple[float, list[float]]:
+def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, rank: int,
+          extra: tuple[str, ...] = ()) -> tuple[float, list[float]]:
     """(wall time of the whole run, per-step times). Step boundaries are taken from the recipe's once-per-step
     `optim.check_finite(loss, "loss", ...)` call in `finish_step`, wrapped here to record a timestamp (nothing else
-    changes)."""
+    changes). `extra`: more config overrides (after the defaults here, so they win)."""
     from dev2pro.config import load_config
     from dev2pro.train import optim
     from dev2pro.train.recipes import train_lora
@@ -38,7 +39,7 @@ def _ours(base: str, data: Path, out: Path, steps: int, batch: int, res: int, ra
         f"model.base={base}", f"data.dir={data}", f"data.resolution={res}", f"output.dir={out}",
         f"train.steps={steps}", f"train.batch_size={batch}", f"lora.rank={rank}", f"lora.alpha={rank}",
         "sample.every=0", "monitor.every=0", "output.save_every=0", "train.warmup_steps=0", "train.lr=1e-4",
-        f"data.cache_dir={out}/cache"])
+        f"data.cache_dir={out}/cache", *extra])
     stamps = []
     real = optim.check_finite
 

@@ -134,6 +134,32 @@ def test_train_step_speedups_are_reference_over_ours(monkeypatch):
     assert "**Goal NOT met**: worst speedup 1.25x" in text  # the worst of the two ratios against the 1.3x goal
 
 
+def test_train_vs_diffusers_encoders_match_ours_and_ratios_are_reference_over_ours(tmp_path, monkeypatch):
+    """Issue 12 bench: the reference's encoders, read from the saved FluxPipeline folder, give the text embeddings
+    ours caches from the same folder (512 T5 tokens), and the table's ratios are reference / ours per precision."""
+    from bench import reference_diffusers_loop as ref
+    from bench import train_vs_diffusers as tvd
+
+    from dev2pro.flux.text_encoders import load_text_encoder
+
+    pipe = tvd.build_pipeline_folder(tmp_path, tvd.QUICK_TRANSFORMER)
+    theirs = ref.PipelineEncoders(pipe).text.encode(["a photo of a cat"])
+    ours = load_text_encoder(str(pipe)).encode(["a photo of a cat"])
+    assert theirs[0].shape == ours[0].shape == (1, 512, 64)
+    assert torch.allclose(theirs[0], ours[0], atol=1e-5) and torch.allclose(theirs[1], ours[1], atol=1e-5)
+    rows = [{"precision": "fp32", "ours_step": 0.5, "ref_step": 0.6, "ours_run": 2.0, "ref_run": 3.0,
+             "ours_steps": [0.5], "ref_steps": [0.6]},
+            {"precision": "bf16", "ours_step": 0.4, "ref_step": 0.6, "ours_run": 2.0, "ref_run": 2.6,
+             "ours_steps": [0.4], "ref_steps": [0.6]}]
+    monkeypatch.setattr(tvd, "measure", lambda *a, **k: rows)
+    monkeypatch.setattr(tvd, "one_thread", lambda: None)
+    text = tvd.run(quick=True)
+    assert "| fp32 | 0.5 | 0.6 | 1.2 | 2 | 3 | 1.5 |" in text and "| bf16 | 0.4 | 0.6 | 1.5 | 2 | 2.6 | 1.3 |" in text
+    assert "**Goal met**" in text  # fp32 1.2x/1.5x >= 1.1x, bf16 1.5x/1.3x >= 1.25x
+    rows[1]["ref_run"] = 2.4  # bf16 1.2x per run < 1.25x
+    assert "**Goal NOT met**" in tvd.run(quick=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bench b: lora_memory (plan-memory estimate vs measured peak)
 
