@@ -70,16 +70,21 @@ def weights_fingerprint(*modules: torch.nn.Module, samples: int = 64) -> str:
 
 
 def free(obj) -> None:
-    """Release an encoder's memory: its weights move to `meta` (usable references die with them), then the Python and
-    CUDA caches are emptied. Use after caching: `free(text_encoder); del text_encoder`."""
+    """Release an encoder's memory: its weights move to `meta`, which drops their storage at once (usable references
+    die with them). Use after caching: `free(text_encoder); del text_encoder`.
+
+    Only when CUDA is in use are the Python and CUDA caches emptied as well (`gc.collect()` so that blocks held by
+    reference cycles return to the caching allocator, then `empty_cache()`): a collection walks the whole heap, about
+    0.25 s in a large process, which was most of a tiny CPU run's fixed cost (bench/train_vs_diffusers.py) and frees
+    nothing a CPU run needs."""
     if obj is None:
         return
     if hasattr(obj, "release"):
         obj.release()
     elif isinstance(obj, torch.nn.Module):
         obj.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
