@@ -98,6 +98,9 @@ def test_tar_list_from_braces_folders_and_files(tmp_path):
         list_tars(tmp_path / "none")
     with pytest.raises(DataError, match="3 tar shards for 4 processes: .* at least 4 tars"):
         TarStream(tars, cfg_of(tars), 4, rank=0, world_size=4)
+    from dev2pro.cli import main
+
+    assert main(["cache", str(tars / "part-{000..001}.tar"), str(tmp_path / "o"), "--ae", "toy", "--t5", "toy"]) == 2
 
 
 def test_key_grouping_and_caption_sources(tmp_path):
@@ -109,7 +112,7 @@ def test_key_grouping_and_caption_sources(tmp_path):
     pngs = sorted(write_dataset(tmp_path / "img", 6, seed=1).glob("*.png"))
     with tarfile.open(tmp_path / "one.tar", "w") as tf:
         add(tf, "k/a.jpg", image_bytes(pngs[0], "JPEG"))
-        add(tf, "k/a.txt", "  from\n txt ".encode())
+        add(tf, "k/a.txt", b"  from\n txt ")
         add(tf, "k/a.caption", b"not used: .txt wins")
         add(tf, "b.png", pngs[1].read_bytes())
         add(tf, "b.caption", b"from caption")

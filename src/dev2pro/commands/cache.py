@@ -10,14 +10,15 @@ T5 sequence, CLIP pooled) with a shard-NNNNNN.json manifest each, plus OUT/datas
 holds one aspect-ratio bucket. Trainers stream the shards rank by rank without loading a global index; a rerun keeps
 the shards that are already complete, so an interrupted run can simply be started again.
 
-Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts.
+Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts. WebDataset tar
+shards are not read here: trainers stream them directly (data.dir = the tar folder or pattern, docs/training.md).
 
-Parallel encoding, one slice per process: under torchrun (RANK / WORLD_SIZE set) process I of N encodes shards
-I, I+N, I+2N, ... on its own device (cuda:LOCAL_RANK with --device auto) and process 0 writes dataset.json after all
-are done. Without torchrun, --process-index I --num-processes N does the same from separate launches (other machines
-sharing OUT, a job array): each process writes its shards, and the last one to finish writes dataset.json (a rerun
-with --num-processes 1 also completes it, encoding only what is missing). The shard files are identical to a
-one-process run. Every process scans the whole folder (the plan is a pure function of it).
+Parallel encoding, one slice per process: under torchrun (RANK / WORLD_SIZE set) process I of N encodes shards I,
+I+N, I+2N, ... on its own GPU (cuda:LOCAL_RANK with --device auto or cuda) and process 0 writes dataset.json after
+all are done. Without torchrun, --process-index I --num-processes N does the same from separate launches (other
+machines sharing OUT, a job array): each process writes its shards, and the last one to finish writes dataset.json
+(a rerun with --num-processes 1 also completes it, encoding only what is missing). The shard files are identical to
+a one-process run. Every process scans the whole folder (the plan is a pure function of it).
 
 The encoders are never guessed: give --path (a FLUX.1 folder with vae/, text_encoder/, text_encoder_2/, tokenizers)
 or --ae, --t5 and --clip (single files such as ComfyUI's ae.safetensors, t5xxl_fp16.safetensors, clip_l.safetensors,
@@ -91,16 +92,21 @@ def main(args) -> int:
     from dev2pro.data.config import DataConfig
     from dev2pro.data.folders import scan_dataset
     from dev2pro.data.shards import write_shards
+    from dev2pro.data.tars import is_tar_source
     from dev2pro.errors import ConfigError
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.model_folder import fill_from_path, preflight
     from dev2pro.flux.text_encoders import load_text_encoder
 
+    if is_tar_source(args.data):
+        raise ConfigError(f"{args.data}: tar shards: dev2pro cache reads image folders; train from the tars directly "
+                          f"(data.dir = \"{args.data}\", encoded on the fly) or extract them into a folder first")
     rank, world, torchrun = process_slice(args, os.environ)
     device = args.device
     if device == "auto":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() and torchrun else (
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torchrun and device == "cuda":  # one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     dtype = getattr(torch, DTYPES[args.dtype])
     cfg = DataConfig(
         dir=args.data,

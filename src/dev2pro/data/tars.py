@@ -50,8 +50,14 @@ from PIL import Image, UnidentifiedImageError
 
 from dev2pro.data.captions import shuffle_tags
 from dev2pro.data.config import IMAGE_EXTS, DataConfig
-from dev2pro.data.folders import EXIF_ORIENTATION, apply_trigger, bucket_limits, choose_bucket, make_buckets, \
-    prepare_image
+from dev2pro.data.folders import (
+    EXIF_ORIENTATION,
+    apply_trigger,
+    bucket_limits,
+    choose_bucket,
+    make_buckets,
+    prepare_image,
+)
 from dev2pro.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -201,7 +207,8 @@ def plan_batches(items: list[TarItem], batch_size: int, rng: random.Random | Non
 
 
 def draw_caption(caption: str, cfg: DataConfig, rng: random.Random) -> str:
-    """This draw's caption: "" with probability `data.caption_dropout`, else tags shuffled if `data.shuffle_captions`."""
+    """This draw's caption: "" with probability `data.caption_dropout`, else its tags shuffled when
+    `data.shuffle_captions`."""
     if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
         return ""
     return shuffle_tags(caption, cfg.keep_tokens, rng) if cfg.shuffle_captions else caption
@@ -330,8 +337,8 @@ class TarStream:
                 self.tar_pos, self.batch_pos = self.tar_pos + 1, 0
             if whole_epoch and not yielded:
                 raise DataError(f"{self.source}: process {self.rank} of {self.world_size} got no batch of "
-                                f"{self.batch_size} from its {len(tars)} tars in epoch {self.epoch} (every bucket holds "
-                                "fewer usable images than the batch size, or they are damaged): lower "
+                                f"{self.batch_size} from its {len(tars)} tars in epoch {self.epoch} (every bucket "
+                                "holds fewer usable images than the batch size, or they are damaged): lower "
                                 "train.batch_size or use fewer, larger tars")
             self.epoch, self.tar_pos = self.epoch + 1, 0
 
