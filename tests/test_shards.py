@@ -159,3 +159,55 @@ def test_cli_cache_with_toy_encoders(tmp_path, capsys):
     rc = cli_main(["cache", str(tmp_path / "empty"), str(tmp_path / "out2"), "--ae", "toy", "--t5", "toy", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no images" in err
+
+
+def test_parallel_cache_slices_equal_one_process(tmp_path, capsys):
+    """Two processes (--process-index I --num-processes 2, launched together) write shard files byte-identical to a
+    one-process run and the same dataset.json; one slice alone leaves dataset.json unwritten, and a rerun with one
+    process completes it while encoding only the other slice."""
+    import os
+    import subprocess
+    import sys
+
+    import dev2pro
+
+    data = make_folder(tmp_path / "data", 9)
+    common = ["--ae", "toy", "--t5", "toy", "--resolution", "32", "--shard-size", "2", "--quiet"]
+    assert cli_main(["cache", str(data), str(tmp_path / "one"), *common]) == 0
+    src = str(Path(dev2pro.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "dev2pro.cli", "cache", str(data), str(tmp_path / "two"), *common,
+                               "--process-index", str(i), "--num-processes", "2"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "process 0 of 2" in outs[0][0] and "process 1 of 2" in outs[1][0]
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(one) == 2 * 5 + 1  # 5 shards
+    for name in one:
+        if name != "dataset.json":
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert read_info(tmp_path / "one") == read_info(tmp_path / "two")
+
+    capsys.readouterr()
+    assert cli_main(["cache", str(data), str(tmp_path / "part"), *common, "--process-index", "1",
+                     "--num-processes", "2"]) == 0
+    assert "not yet: the last process to finish writes it" in capsys.readouterr().out
+    assert not (tmp_path / "part" / "dataset.json").exists()
+    assert sorted(p.name for p in (tmp_path / "part").glob("*.json")) == ["shard-000001.json", "shard-000003.json"]
+    assert cli_main(["cache", str(data), str(tmp_path / "part"), *common]) == 0
+    assert "(3 written, 2 already complete)" in capsys.readouterr().out
+    assert read_info(tmp_path / "part") == read_info(tmp_path / "one")
+    with pytest.raises(DataError, match="the index must be in 0..1"):
+        write_shards(index_of(data), FakeAE(), FakeText(), tmp_path / "x", process_index=2, num_processes=2)
+
+
+def test_a_process_group_writes_dataset_json_after_the_barrier(built, tmp_path):
+    root, out, _ = built
+    calls = []
+    kw = dict(shard_size=4, progress=False, num_processes=2, barrier=lambda: calls.append(1))
+    info = write_shards(index_of(root), FakeAE(), FakeText(), tmp_path / "o", process_index=1, **kw)
+    assert not info["complete"] and not (tmp_path / "o" / "dataset.json").exists() and len(calls) == 2
+    info = write_shards(index_of(root), FakeAE(), FakeText(), tmp_path / "o", process_index=0, **kw)
+    assert info["complete"] and info["written"] == 3 and read_info(tmp_path / "o")["shards"] == read_info(out)["shards"]

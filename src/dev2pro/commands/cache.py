@@ -10,7 +10,15 @@ T5 sequence, CLIP pooled) with a shard-NNNNNN.json manifest each, plus OUT/datas
 holds one aspect-ratio bucket. Trainers stream the shards rank by rank without loading a global index; a rerun keeps
 the shards that are already complete, so an interrupted run can simply be started again.
 
-Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts.
+Skipped or converted files (corrupt, too small, not UTF-8, ...) are listed before encoding starts. WebDataset tar
+shards are not read here: trainers stream them directly (data.dir = the tar folder or pattern, docs/training.md).
+
+Parallel encoding, one slice per process: under torchrun (RANK / WORLD_SIZE set) process I of N encodes shards I,
+I+N, I+2N, ... on its own GPU (cuda:LOCAL_RANK with --device auto or cuda) and process 0 writes dataset.json after
+all are done. Without torchrun, --process-index I --num-processes N does the same from separate launches (other
+machines sharing OUT, a job array): each process writes its shards, and the last one to finish writes dataset.json
+(a rerun with --num-processes 1 also completes it, encoding only what is missing). The shard files are identical to
+a one-process run. Every process scans the whole folder (the plan is a pure function of it).
 
 The encoders are never guessed: give --path (a FLUX.1 folder with vae/, text_encoder/, text_encoder_2/, tokenizers)
 or --ae, --t5 and --clip (single files such as ComfyUI's ae.safetensors, t5xxl_fp16.safetensors, clip_l.safetensors,
@@ -23,6 +31,9 @@ examples:
   dev2pro cache ./images ./shards --ae ComfyUI/models/vae/ae.safetensors \\
       --t5 ComfyUI/models/clip/t5xxl_fp8_e4m3fn.safetensors --clip ComfyUI/models/clip/clip_l.safetensors \\
       --tokenizers /models/flux-tokenizers --resolution 1024 --device cuda --dtype bf16
+  torchrun --nproc-per-node 8 -m dev2pro.cli cache ./images ./shards --path /models/FLUX.1-dev --resolution 1024 \
+      --dtype bf16                                                             # 8 GPUs, one slice each
+  dev2pro cache ./images ./shards --ae toy --t5 toy --process-index 1 --num-processes 4   # slice 1 of 4
 """
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -47,20 +58,55 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="encoder compute dtype")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--process-index", type=int, default=None,
+                        help="this process's slice I (with --num-processes N): writes shards I, I+N, ...")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="number of slices N; the last process to finish writes dataset.json (under torchrun "
+                             "both come from RANK / WORLD_SIZE instead)")
+
+
+def process_slice(args, env) -> tuple[int, int, bool]:
+    """(index, count, under torchrun) from --process-index / --num-processes or torchrun's RANK / WORLD_SIZE."""
+    from dev2pro.errors import ConfigError
+
+    world = int(env.get("WORLD_SIZE", "1"))
+    flags = args.process_index is not None or args.num_processes is not None
+    if flags:
+        if world > 1:
+            raise ConfigError("--process-index/--num-processes under torchrun (WORLD_SIZE="
+                              f"{world}): torchrun already gives each process its slice: drop the flags")
+        if args.process_index is None or args.num_processes is None:
+            raise ConfigError("give both --process-index I and --num-processes N (or neither)")
+        if args.num_processes < 1 or not 0 <= args.process_index < args.num_processes:
+            raise ConfigError(f"--process-index {args.process_index} --num-processes {args.num_processes}: the "
+                              f"index must be in 0..{args.num_processes - 1}")
+        return args.process_index, args.num_processes, False
+    return int(env.get("RANK", "0")), world, world > 1
 
 
 def main(args) -> int:
+    import os
+
     import torch
 
     from dev2pro.data.config import DataConfig
     from dev2pro.data.folders import scan_dataset
     from dev2pro.data.shards import write_shards
+    from dev2pro.data.tars import is_tar_source
     from dev2pro.errors import ConfigError
     from dev2pro.flux.autoencoder import load_autoencoder
     from dev2pro.flux.model_folder import fill_from_path, preflight
     from dev2pro.flux.text_encoders import load_text_encoder
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if is_tar_source(args.data):
+        raise ConfigError(f"{args.data}: tar shards: dev2pro cache reads image folders; train from the tars directly "
+                          f"(data.dir = \"{args.data}\", encoded on the fly) or extract them into a folder first")
+    rank, world, torchrun = process_slice(args, os.environ)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torchrun and device == "cuda":  # one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     dtype = getattr(torch, DTYPES[args.dtype])
     cfg = DataConfig(
         dir=args.data,
@@ -79,14 +125,30 @@ def main(args) -> int:
                               "folder)")
     preflight(parts, model_path=args.path)
     ae = load_autoencoder(parts.autoencoder, device=device, dtype=dtype)
-    index = scan_dataset(cfg, 2 * ae.downsample, progress=not args.quiet)
-    print(index.report.summary())
+    index = scan_dataset(cfg, 2 * ae.downsample, progress=not args.quiet and rank == 0)
+    if rank == 0:
+        print(index.report.summary())
     text = load_text_encoder(parts.t5, parts.clip, device=device, dtype=dtype, max_length=args.max_length,
                              tokenizers=parts.tokenizers, model_path=args.path)
-    info = write_shards(
-        index, ae, text, args.out, shard_size=args.shard_size, device=device, dtype=dtype,
-        batch_size=args.batch_size, progress=not args.quiet,
-    )
-    print(f"{args.out}: {len(info['shards'])} shards ({info['written']} written, {info['kept']} already complete), "
-          f"{info['items']} images")
+    barrier = None
+    if torchrun:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # only for the barrier: the encoders never communicate
+        barrier = dist.barrier
+    try:
+        info = write_shards(
+            index, ae, text, args.out, shard_size=args.shard_size, device=device, dtype=dtype,
+            batch_size=args.batch_size, progress=not args.quiet, process_index=rank, num_processes=world,
+            barrier=barrier,
+        )
+    finally:
+        if torchrun:
+            dist.destroy_process_group()
+    who = f"process {rank} of {world}: " if world > 1 else ""
+    print(f"{args.out}: {who}{len(info['shards'])} shards ({info['written']} written, {info['kept']} already "
+          f"complete), {info['items']} images")
+    if world > 1 and not torchrun:
+        print(f"{args.out}/dataset.json: " + ("written (every shard is complete)" if info["complete"] else
+              "not yet: the last process to finish writes it (or rerun with --num-processes 1)"))
     return 0

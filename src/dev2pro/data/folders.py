@@ -200,7 +200,14 @@ def load_image(
         if not isinstance(item, DataItem):
             raise ValueError("load_image needs a bucket for a bare path")
         bucket = item.bucket
-    img = to_rgb(ImageOps.exif_transpose(open_image(path.read_bytes())))
+    return prepare_image(path.read_bytes(), bucket, crop, rng, flip)
+
+
+def prepare_image(
+    data: bytes, bucket: tuple[int, int], crop: str = "center", rng: random.Random | None = None, flip: bool = False
+) -> torch.Tensor:
+    """`load_image` for bytes already read (a member of a tar shard): (3, H, W) float32 in [-1, 1] at `bucket`."""
+    img = to_rgb(ImageOps.exif_transpose(open_image(data)))
     size = cover_size(img.size, bucket)
     if size != img.size:
         shrink = size[0] <= img.size[0]

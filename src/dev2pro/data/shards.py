@@ -11,7 +11,10 @@ Writing: items are sorted by (bucket, path) and cut into shards of at most `shar
 content is a pure function of the data folder; a rerun keeps every shard whose manifest already lists the same keys
 (content hash + encoder identities + bucket + crop), which makes an interrupted `dev2pro cache` resumable. Shards hold
 one version of each image (the centre crop, or one fixed random crop) and ignore `repeats`: at scale the stream's
-epochs replace them.
+epochs replace them. Parallel writing (`process_index` I of `num_processes` N, one slice per process): process I
+encodes shards I, I + N, ... of the plan, so the files are byte-identical to a one-process run; dataset.json is written
+once every shard is complete: after `barrier` by process 0 when there is a process group, else by whichever process
+finds every shard's manifest complete when it is done (the last to finish; atomically, so two writers are harmless).
 
 Streaming (`ShardStream`): epoch e shuffles the shard list with `random.Random(f"{seed}:{e}")`, rank r takes shards
 r, r + W, r + 2W, ... of that order (disjoint across ranks, every shard once per epoch), and reads each in a shuffled
@@ -55,7 +58,7 @@ def plan_shards(index: DatasetIndex, shard_size: int) -> list[list]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # per process: parallel writers never share a temp file
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, path)
 
@@ -84,24 +87,36 @@ def write_shards(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     progress: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
+    barrier=None,
 ) -> dict:
-    """Encode `index` into shards under `out_dir`; returns the dataset.json content (plus counts of work done)."""
+    """Encode `index` into shards under `out_dir` (this process's slice: shards `process_index`, + `num_processes`,
+    ...); returns the dataset.json content plus counts of work done and `complete` (whether dataset.json was written
+    by this call). `barrier` (a process group's): wait for every process, then process 0 writes dataset.json."""
     from tqdm import tqdm
 
     if shard_size < 1:
         raise DataError(f"--shard-size {shard_size}: must be at least 1")
+    if num_processes < 1 or not 0 <= process_index < num_processes:
+        raise DataError(f"--process-index {process_index} --num-processes {num_processes}: the index must be in "
+                        f"0..{num_processes - 1}")
     cfg = index.cfg
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(index, shard_size)
     root = Path(cfg.dir)
-    shards, written, kept = [], 0, 0
-    with tqdm(total=len(index.items), desc="writing shards", unit="img", disable=not progress) as bar:
+    shards, all_keys, written, kept = [], [], 0, 0
+    mine = sum(len(items) for i, items in enumerate(plan) if i % num_processes == process_index)
+    with tqdm(total=mine, desc="writing shards", unit="img", disable=not progress) as bar:
         for i, items in enumerate(plan):
             name = shard_name(i)
             keys = [latent_key(it, ae.identity, cfg.crop, 0) + ":" + text_key(it.caption, text.identity)[:16]
                     for it in items]
             shards.append({"name": name, "bucket": list(items[0].bucket), "count": len(items)})
+            all_keys.append(keys)
+            if i % num_processes != process_index:
+                continue
             if _shard_complete(out, name, keys):
                 kept += 1
                 bar.update(len(items))
@@ -133,11 +148,11 @@ def write_shards(
             }
             _write_json(out / f"{name}.json", manifest)
             written += 1
-    # shards left over from a larger earlier run would be streamed: remove them
+    # shards left over from a larger earlier run would be streamed: remove them (no process writes them)
     for p in out.glob("shard-*"):
         stem = p.name.split(".")[0]
         if stem[6:].isdigit() and int(stem[6:]) >= len(plan):
-            p.unlink()
+            p.unlink(missing_ok=True)
     info = {
         "format": SHARD_FORMAT,
         "ae": ae.identity,
@@ -149,8 +164,16 @@ def write_shards(
         "shards": shards,
         "scan": index.report.summary(),
     }
-    _write_json(out / INDEX_FILE, info)
-    return {**info, "written": written, "kept": kept}
+    if barrier is not None:
+        barrier()
+    complete = False
+    if num_processes == 1 or (barrier is None or process_index == 0) and all(
+            _shard_complete(out, sh["name"], keys) for sh, keys in zip(shards, all_keys)):
+        _write_json(out / INDEX_FILE, info)
+        complete = True
+    if barrier is not None:
+        barrier()  # dataset.json exists for every process once this returns
+    return {**info, "written": written, "kept": kept, "complete": complete}
 
 
 def read_info(out_dir: str | Path) -> dict:

@@ -1,16 +1,19 @@
-"""What a recipe trains on: `TrainData` (cached dataset or a streamed shard folder, the prompt embeddings encoded
-once, the autoencoder when samples are decoded), built from `[data]` with `[model]`'s encoders (`get_train_data`),
-the endless batch iterator the loop pulls from, and the sample grids written during training.
+"""What a recipe trains on: `TrainData` (cached dataset, a streamed shard folder, or streamed WebDataset tar shards;
+the prompt embeddings encoded once, the autoencoder when samples are decoded), built from `[data]` with `[model]`'s
+encoders (`get_train_data`), the endless batch iterator the loop pulls from, and the sample grids written during
+training.
 
-Training never holds the text encoders: prompts (and the empty prompt, the unconditional embedding) are encoded once
-and the encoders freed before the model is loaded. The batch sampler is rank-aware (`TrainData.bind`) and its state is
-saved in checkpoints, so `--resume` continues at the same data position.
+Training holds no text encoder for image folders and shard folders: prompts (and the empty prompt, the unconditional
+embedding) are encoded once and the encoders freed before the model is loaded. Tar shards are the exception: they are
+encoded batch by batch (`dev2pro.data.tars`), so the encoders stay loaded (T5-XXL ~9.5 GB in bf16). The batch sampler
+is rank-aware (`TrainData.bind`) and its state is saved in checkpoints, so `--resume` continues at the same data
+position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +62,12 @@ class TrainData:
     collate: Any = None
     shards: Path | None = None  # a `dev2pro cache` shard folder, streamed rank by rank instead of `dataset`
     probe_batch: dict | None = None  # a few items of one bucket for the monitor when there is no `dataset`
+    stream: Any = None  # (rank, world_size, seed, batch_size, shuffle) -> endless batch stream with a state_dict
+
 
     def bind(self, accelerator, batch_size: int, seed: int) -> TrainData:
         """Make this process's batch source: a `BucketBatchSampler` over `dataset` (global batches split by rank),
-        or a `ShardStream` over `shards` (whole shards per rank)."""
+        a `ShardStream` over `shards` (whole shards per rank), or what `stream` makes (tar shards per rank)."""
         from dev2pro.data.cache import BucketBatchSampler, collate
 
         if "" not in self.prompts:
@@ -73,6 +78,10 @@ class TrainData:
             self.sampler = ShardStream(self.shards, rank=accelerator.process_index,
                                        world_size=accelerator.num_processes, seed=seed, batch_size=batch_size,
                                        shuffle=self.shuffle)
+            return self
+        if self.stream is not None:
+            self.sampler = self.stream(accelerator.process_index, accelerator.num_processes, seed, batch_size,
+                                       self.shuffle)
             return self
         self.sampler = BucketBatchSampler(self.dataset, batch_size=batch_size, seed=seed,
                                           rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -92,8 +101,9 @@ def encode_prompts(text_encoder, prompts: list[str]) -> dict[str, tuple[torch.Te
 
 def infinite_batches(data: TrainData) -> Iterator[dict]:
     """Collated batches forever, epoch after epoch. The sampler owns the order and position (its state_dict is
-    saved in checkpoints); starting a new epoch is its job when iterated again. A shard stream is endless itself."""
-    if data.shards is not None:
+    saved in checkpoints); starting a new epoch is its job when iterated again. A shard or tar stream is endless
+    itself."""
+    if data.shards is not None or data.stream is not None:
         yield from data.sampler
         return
     while True:
@@ -122,6 +132,10 @@ def load_train_data(data_cfg, model_cfg: ModelConfig, accelerator, prompts: list
     model_cfg.preflight()  # every path, the base's architecture and the encoders' widths, from headers: seconds
     if data_cfg.dir and (Path(data_cfg.dir) / "dataset.json").is_file():
         return _load_shards(data_cfg, model_cfg, device, enc_dtype, prompts, keep_autoencoder)
+    from dev2pro.data.tars import is_tar_source
+
+    if data_cfg.dir and is_tar_source(data_cfg.dir):
+        return _load_tars(data_cfg, model_cfg, device, enc_dtype, prompts)
     with accelerator.main_process_first():
         autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
         text_encoder = _text_encoder(model_cfg, device, enc_dtype)
@@ -165,6 +179,36 @@ def _load_shards(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: l
     probe = next(iter(ShardStream(data_cfg.dir, seed=0, batch_size=min(8, first["count"]), shuffle=False)))
     return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, shards=Path(data_cfg.dir),
                      probe_batch=probe, info={"dataset_size": info["items"], "resolution": info["resolution"]})
+
+
+def _load_tars(data_cfg, model_cfg: ModelConfig, device, enc_dtype, prompts: list[str]) -> TrainData:
+    """`data.dir` names WebDataset tar shards: stream them per rank and encode each batch on the fly, so the
+    autoencoder and text encoders stay loaded on `device` for the whole run (also used to decode samples)."""
+    from dev2pro.data.tars import EncodedStream, TarStream, list_tars
+    from dev2pro.flux.autoencoder import load_autoencoder
+
+    if len(data_cfg.resolutions) > 1:
+        raise ConfigError(f"data.resolutions = {list(data_cfg.resolutions)} with tar shards ({data_cfg.dir}): a tar "
+                          "stream trains at one resolution: set data.resolution")
+    if data_cfg.resolutions:
+        data_cfg = replace(data_cfg, resolution=data_cfg.resolutions[0], resolutions=())
+    data_cfg.validate()
+    tars = list_tars(data_cfg.dir)  # a missing pattern fails before the encoders load
+    autoencoder = load_autoencoder(model_cfg.autoencoder, device=device, dtype=enc_dtype)
+    text_encoder = _text_encoder(model_cfg, device, enc_dtype)
+    embeddings = encode_prompts(text_encoder, prompts)
+    step = 2 * autoencoder.downsample
+
+    def make(rank: int, world_size: int, seed: int, batch_size: int, shuffle: bool) -> EncodedStream:
+        stream = TarStream(data_cfg.dir, data_cfg, step, rank=rank, world_size=world_size, seed=seed,
+                           batch_size=batch_size, shuffle=shuffle)
+        return EncodedStream(stream, autoencoder, text_encoder, device, enc_dtype)
+
+    probe_source = make(0, 1, 0, 1, False)
+    probe = probe_source.encode(probe_source.stream.first_batch(8))
+    return TrainData(prompts=embeddings, autoencoder=autoencoder, shuffle=data_cfg.shuffle, stream=make,
+                     probe_batch=probe, info={"resolution": data_cfg.resolution, "tars": len(tars),
+                                              "trigger": data_cfg.trigger})
 
 
 def _text_encoder(model_cfg: ModelConfig, device, dtype):
