@@ -12,7 +12,9 @@ Launches are few (each costs seconds of start-up), so each worker runs a list of
 - `fsdp2` (2): dedistill under FSDP2 (deferred reduce-scatter) writing DCP checkpoints, the 1 -> 2 resume, dedistill
   under HSDP (replicate 2 x shard 1), distill (sharded teacher, and whole fp8 teacher) and train-base under FSDP2
   with bf16, and the shared-folder check;
-- `resume` (1): the 2-process DCP checkpoint resumed on 1 process (2 -> 1).
+- `resume` (1): the 2-process DCP checkpoint resumed on 1 process (2 -> 1);
+- `hsdp4` (4): dedistill under HSDP with a real 2-D mesh (replicate 2 x shard 2, one sample per process), writing
+  DCP checkpoints.
 The same file is the worker script (`python tests/test_multiprocess.py --worker JOBS.json`).
 """
 
@@ -175,6 +177,8 @@ def runs(tmp_path_factory):
     (resumed / "model.safetensors").unlink()
     _launch(t, "resume", 1, [{**dd, "out": str(resumed), "strategy": "fsdp2", "batch": 4, "steps": STEPS + 2,
                               "resume": True}])
+    _launch(t, "hsdp4", 4, [{**dd, "out": str(t / "hsdp4"), "strategy": "fsdp2", "batch": 1, "replicate": 2,
+                             "save_every": 2}])
     return t
 
 
@@ -186,6 +190,31 @@ def test_two_processes_match_one(runs, name):
         state = json.loads((runs / name / "checkpoint-2" / "state.json").read_text())
         assert state["world_size"] == 2 and state["format"] == "dcp" and state["ema"]
         assert state["distributed"] == name
+
+
+def test_hsdp_on_a_two_by_two_mesh_matches_one_process(runs):
+    """4 processes, replicate 2 x shard 2: parameters sharded in halves inside each replica group, gradients
+    reduce-scattered in the group and all-reduced across groups; the trajectory and the exported EMA model are the
+    1-process run's and the exported EMA model the 2-process FSDP2 run's within float tolerance; the DCP checkpoint
+    holds each shard half once."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _close(_losses(runs / "hsdp4"), _losses(runs / "single")[:STEPS], rtol=1e-4)
+    state = json.loads((runs / "hsdp4" / "checkpoint-2" / "state.json").read_text())
+    assert state["world_size"] == 4 and state["format"] == "dcp"
+    rows = 0
+    for f in sorted((runs / "hsdp4" / "checkpoint-2").glob("shard-*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            if "model.transformer_blocks.0.attn.to_q.weight" in st.keys():
+                rows += st.get_slice("model.transformer_blocks.0.attn.to_q.weight").get_shape()[0]
+    assert rows == 32  # the two shard halves, each written once (replicas do not duplicate them)
+    a = load_file(str(runs / "fsdp2" / "model.safetensors"))  # the same 4 steps on a 1-D mesh of 2 processes
+    b = load_file(str(runs / "hsdp4" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_sharded_checkpoint_has_one_file_per_rank_and_exports_by_streaming(runs):
