@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--work", default="runs/toy-build", help="work folder (data, checkpoints, logs, eval grids)")
     p.add_argument("--pro-steps", type=int, default=None, help="train-base steps (default: the shipped setting)")
     p.add_argument("--distill-steps", type=int, default=None, help="distill steps (default: the shipped setting)")
+    p.add_argument("--caption-noise", type=float, default=None,
+                   help="probability that the base data's captioner misnames each attribute (default: the shipped "
+                        "setting)")
     p.add_argument("--no-install", action="store_true", help="leave the shipped models alone")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On a busy shared CPU, 1 is often several times "
@@ -85,7 +88,12 @@ def main(args) -> int:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         s = BuildSettings()
-        changes = {k: v for k, v in (("pro_steps", args.pro_steps), ("distill_steps", args.distill_steps)) if v}
+        changes = {k: v for k, v in (("pro_steps", args.pro_steps), ("distill_steps", args.distill_steps),
+                                     ("caption_noise", args.caption_noise)) if v is not None}
+        if not 0.0 <= changes.get("caption_noise", 0.0) < 1.0:
+            from dev2pro.errors import UserError
+
+            raise UserError(f"--caption-noise {args.caption_noise}: must be in [0, 1)")
         meta = build(Path(args.work), dataclasses.replace(s, **changes), do_install=not args.no_install)
         print(json.dumps({"eval": meta["eval"], "build_seconds": meta["build_seconds"]}, indent=2))
         return 0
