@@ -65,7 +65,7 @@ VALUES: dict[str, tuple[str, ...]] = {  # the classes of each attribute (the jud
 }
 CENTRES = (0.27, 0.73)  # object centres along the layout axis, fraction of the side
 OFFSET = 0.06  # each object's random offset across the layout axis, +- fraction of the side
-CAPTION_NOISE = 0.25  # base training data: probability that a caption misnames each attribute (see `noisy_caption`)
+CAPTION_NOISE = 0.35  # base training data: probability that a caption misnames each attribute (see `noisy_caption`)
 
 
 @dataclass(frozen=True)
