@@ -44,6 +44,10 @@ def add_arguments(parser) -> None:
     p.add_argument("--caption-noise", type=float, default=None,
                    help="probability that the base data's captioner misnames each attribute (default: the shipped "
                         "setting)")
+    p.add_argument("--w-min", type=float, default=None,
+                   help="lowest guidance scale drawn in distillation (default: the shipped setting)")
+    p.add_argument("--w-max", type=float, default=None,
+                   help="highest guidance scale drawn in distillation (default: the shipped setting)")
     p.add_argument("--no-install", action="store_true", help="leave the shipped models alone")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On a busy shared CPU, 1 is often several times "
@@ -89,7 +93,8 @@ def main(args) -> int:
             torch.set_num_threads(args.threads)
         s = BuildSettings()
         changes = {k: v for k, v in (("pro_steps", args.pro_steps), ("distill_steps", args.distill_steps),
-                                     ("caption_noise", args.caption_noise)) if v is not None}
+                                     ("caption_noise", args.caption_noise), ("w_min", args.w_min),
+                                     ("w_max", args.w_max)) if v is not None}
         if not 0.0 <= changes.get("caption_noise", 0.0) < 1.0:
             from dev2pro.errors import UserError
 
