@@ -189,6 +189,16 @@ def read_info(out_dir: str | Path) -> dict:
     return info
 
 
+def rank_share(items: list, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool = True) -> list:
+    """Rank `rank`'s whole files in epoch `epoch`: the list shuffled with `random.Random(f"{seed}:{epoch}")` (the same
+    order on every rank), then every `world_size`-th from position `rank` (disjoint across ranks, together every item
+    once). Cache shards and tar shards are shared out this way."""
+    order = list(range(len(items)))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [items[i] for i in order[rank::world_size]]
+
+
 class ShardStream:
     """Endless same-bucket batches for one rank (see the module docstring). Each batch is a dict like
     `dev2pro.data.cache.collate`'s:
@@ -215,10 +225,7 @@ class ShardStream:
 
     def shards_of_epoch(self, epoch: int) -> list[dict]:
         """This rank's shards in epoch `epoch` (disjoint across ranks, together every shard once)."""
-        order = list(range(len(self.shards)))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return [self.shards[i] for i in order[self.rank :: self.world_size]]
+        return rank_share(self.shards, epoch, self.seed, self.rank, self.world_size, self.shuffle)
 
     def _batches_of_shard(self, shard: dict, epoch: int) -> list[list[int]]:
         rows = list(range(shard["count"]))

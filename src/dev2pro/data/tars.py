@@ -58,6 +58,7 @@ from dev2pro.data.folders import (
     make_buckets,
     prepare_image,
 )
+from dev2pro.data.shards import rank_share
 from dev2pro.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -243,10 +244,7 @@ class TarStream:
 
     def tars_of_epoch(self, epoch: int) -> list[Path]:
         """This rank's tars in epoch `epoch` (disjoint across ranks, together every tar once)."""
-        order = list(range(len(self.tars)))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{epoch}").shuffle(order)
-        return [self.tars[i] for i in order[self.rank :: self.world_size]]
+        return rank_share(self.tars, epoch, self.seed, self.rank, self.world_size, self.shuffle)
 
     def _warn(self, path: Path, problems: list[tuple[str, str]]) -> None:
         if problems and path not in self._warned:  # once per tar and stream: indexing repeats every epoch
