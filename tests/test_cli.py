@@ -44,3 +44,14 @@ def test_lora_strength_typo_is_named(tmp_path, capsys):
     f.write_bytes(b"")
     with pytest.raises(UserError, match=r"must be a number: .*style.safetensors:0.8"):
         apply_loras(object(), [(f"{f}:abc", 1.0)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--caption-noise", "1.5"], "--caption-noise 1.5: must be in [0, 1)"),
+    (["--w-min", "6"], "distill.w_min (6.0) must be >= 0 and <= distill.w_max (5.0)"),
+])
+def test_toy_build_refuses_bad_settings_before_any_stage(tmp_path, capsys, flags, message):
+    work = tmp_path / "work"
+    assert cli.main(["toy", "build", "--work", str(work), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not work.exists()  # nothing was built

@@ -99,7 +99,11 @@ def main(args) -> int:
             from dev2pro.errors import UserError
 
             raise UserError(f"--caption-noise {args.caption_noise}: must be in [0, 1)")
-        meta = build(Path(args.work), dataclasses.replace(s, **changes), do_install=not args.no_install)
+        s = dataclasses.replace(s, **changes)
+        from dev2pro.train.recipes.distill import DistillSection
+
+        DistillSection(w_min=s.w_min, w_max=s.w_max).validate()  # fail now, not after the pro stage (~20 min)
+        meta = build(Path(args.work), s, do_install=not args.no_install)
         print(json.dumps({"eval": meta["eval"], "build_seconds": meta["build_seconds"]}, indent=2))
         return 0
     if args.toy_command == "info":
