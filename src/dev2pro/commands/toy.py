@@ -44,6 +44,9 @@ def add_arguments(parser) -> None:
     p.add_argument("--caption-noise", type=float, default=None,
                    help="probability that the base data's captioner misnames each attribute (default: the shipped "
                         "setting)")
+    p.add_argument("--caption-dropout", type=float, default=None,
+                   help="share of train-base captions replaced by the empty prompt, what CFG's unconditional pass "
+                        "learns from (default: the shipped setting)")
     p.add_argument("--w-min", type=float, default=None,
                    help="lowest guidance scale drawn in distillation (default: the shipped setting)")
     p.add_argument("--w-max", type=float, default=None,
@@ -94,11 +97,13 @@ def main(args) -> int:
         s = BuildSettings()
         changes = {k: v for k, v in (("pro_steps", args.pro_steps), ("distill_steps", args.distill_steps),
                                      ("caption_noise", args.caption_noise), ("w_min", args.w_min),
-                                     ("w_max", args.w_max)) if v is not None}
-        if not 0.0 <= changes.get("caption_noise", 0.0) < 1.0:
-            from dev2pro.errors import UserError
+                                     ("w_max", args.w_max), ("caption_dropout", args.caption_dropout))
+                   if v is not None}
+        from dev2pro.errors import UserError
 
-            raise UserError(f"--caption-noise {args.caption_noise}: must be in [0, 1)")
+        for key in ("caption_noise", "caption_dropout"):
+            if not 0.0 <= changes.get(key, 0.0) < 1.0:
+                raise UserError(f"--{key.replace('_', '-')} {changes[key]}: must be in [0, 1)")
         s = dataclasses.replace(s, **changes)
         from dev2pro.train.recipes.distill import DistillSection
 
