@@ -1,26 +1,32 @@
-"""`dev2pro toy build|data|judge|info`: the toy world's generator, judge and shipped models."""
+"""`dev2pro toy build|data|judge|controls|info`: the toy world's generator, judge and shipped models."""
 
 from __future__ import annotations
 
 HELP = "the toy world: write generator datasets, (re)build the shipped toy pro/dev models and judge"
 
 DESCRIPTION = """\
-The toy world is the project's embedded default: 32x32 images of shapes with captions from a small grammar, an exact
-toy autoencoder, a deterministic toy text encoder, small Flux-architecture models ("pro": CFG teacher without a
-guidance embedding; "dev": its guidance-distilled student) shipped in the package as toy:pro and toy:dev, and a judge
-that scores prompt adherence and the held-out "zxq" style. See docs/toy-world.md.
+The toy world is the project's embedded default: 32x32 images of two circles (colour and size bound to each, one
+left of or above the other) with captions from a small grammar, an exact toy autoencoder, a deterministic toy text
+encoder, small Flux-architecture models ("pro": CFG teacher without a guidance embedding; "dev": its
+guidance-distilled student) shipped in the package as toy:pro and toy:dev, and a judge that scores prompt adherence
+and the held-out "zxq" style. See docs/toy-world.md.
 
-  data    write N generator images (PNG + same-name .txt captions) into a folder; --style adds the held-out style
-  judge   train the judge probe on fresh generator images and report its accuracy (--install replaces the shipped one)
-  build   train toy-pro with the train-base recipe and distil toy-dev with the distill recipe, evaluate both with the
-          judge and install them into the package (tens of minutes on a CPU; resumes per stage in --work)
-  info    print what the shipped toy models are and how they scored
+  data      write N generator images (PNG + same-name .txt captions) into a folder; --style adds the held-out style
+  judge     train the judge probe on fresh generator images and report its accuracy (--install replaces the shipped
+            one)
+  build     train toy-pro with the train-base recipe and distil toy-dev with the distill recipe, evaluate both with
+            the judge and install them into the package (tens of minutes on a CPU; resumes per stage in --work)
+  controls  measure the world's controls (pro's and dev's guidance gaps, the dead-guidance negative control) with
+            95% intervals on fresh captions (about 20 minutes on one core for 1,024 captions x 2 seeds); exit 1 when
+            one does not hold
+  info      print what the shipped toy models are and how they scored
 
 examples:
   dev2pro toy data ./zxq_images --n 64 --style --seed 1
   dev2pro toy info
   dev2pro toy build --work runs/toy-build
   dev2pro toy judge --out runs/judge.safetensors
+  dev2pro toy controls --prompts 1024 --threads 1
 """
 
 
@@ -55,6 +61,18 @@ def add_arguments(parser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On a busy shared CPU, 1 is often several times "
                         "faster than 2 (threads wait for each other)")
+    p = sub.add_parser("controls", help="measure the toy world's controls with 95%% intervals on fresh captions")
+    p.add_argument("--pro", default="toy:pro", help="pro model (default: the shipped toy:pro)")
+    p.add_argument("--dev", default="toy:dev", help="dev model (default: the shipped toy:dev)")
+    p.add_argument("--judge", default=None, help="judge weights (default: the shipped judge)")
+    p.add_argument("--prompts", type=int, default=1024, help="fresh captions (default 1024)")
+    p.add_argument("--seeds", type=int, default=2, help="images per caption (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the build)")
+    p.add_argument("--prompt-seed", type=int, default=778,
+                   help="caption stream (default 778; the build measures on 777, the demo on others)")
+    p.add_argument("--work", default="runs/toy-controls",
+                   help="folder for per-condition scores (an interrupted run resumes) and controls.json")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     sub.add_parser("info", help="describe the shipped toy models")
 
 
@@ -111,6 +129,8 @@ def main(args) -> int:
         meta = build(Path(args.work), s, do_install=not args.no_install)
         print(json.dumps({"eval": meta["eval"], "build_seconds": meta["build_seconds"]}, indent=2))
         return 0
+    if args.toy_command == "controls":
+        return _controls(args)
     if args.toy_command == "info":
         from dev2pro.toy.assets import ASSET_DIR, description
 
@@ -121,3 +141,43 @@ def main(args) -> int:
         print(json.dumps({k: meta[k] for k in ("params", "eval", "build_total_seconds") if k in meta}, indent=2))
         return 0
     return 2
+
+
+def _controls(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dev2pro.errors import UserError
+    from dev2pro.flux.checkpoint import load_transformer
+    from dev2pro.toy.controls import CHECKS, CONDITIONS, intervals, measure
+    from dev2pro.toy.judge import Judge
+
+    for flag, value in (("--prompts", args.prompts), ("--seeds", args.seeds), ("--steps", args.steps)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.prompts < 2:
+        raise UserError(f"--prompts {args.prompts}: an interval needs at least 2 captions")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    models = {"pro": load_transformer(args.pro, dtype=torch.float32),
+              "dev": load_transformer(args.dev, dtype=torch.float32)}
+    judge = Judge.load(args.judge) if args.judge else Judge.load()
+    work = Path(args.work)
+    per_image = measure(models, judge, CONDITIONS, n_prompts=args.prompts, seeds=args.seeds, steps=args.steps,
+                        prompt_seed=args.prompt_seed, work=work, progress=True)
+    result = {"settings": {"pro": args.pro, "dev": args.dev, "prompts": args.prompts, "seeds": args.seeds,
+                           "steps": args.steps, "prompt_seed": args.prompt_seed},
+              "adherence": {k: round(100 * float(v.mean()), 2) for k, v in per_image.items()},
+              "controls": intervals(per_image, args.seeds)}
+    (work / "controls.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.prompts} captions (stream {args.prompt_seed}) x {args.seeds} seeds, {args.steps} steps")
+    for name, a in result["adherence"].items():
+        print(f"  {name:<16} adherence {a:5.1f}%")
+    for name, c in result["controls"].items():
+        lo, hi = c["interval"]
+        print(f"  {name:<28} {c['points']:+6.2f} [{lo:+.2f}, {hi:+.2f}]  target {c['target']:<22} "
+              f"{'holds' if c['holds'] else 'DOES NOT HOLD'}")
+    print(f"wrote {work / 'controls.json'}")
+    return 0 if all(c["holds"] for c in result["controls"].values()) and len(result["controls"]) == len(CHECKS) else 1

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from dev2pro.toy import world
+from dev2pro.toy.controls import controls
 
 
 @dataclass(frozen=True)
@@ -163,24 +164,6 @@ def evaluate(model, judge, *, n_prompts: int = 256, seeds: int = 2, steps: int =
         "images": images,
         "captions": caps,
     }
-
-
-def controls(ev: dict) -> dict:
-    """The positive and negative controls of a world where guidance matters, from the evaluations (adherence points
-    are percentage points), each with its target and whether it holds."""
-    a = {k: 100 * v["adherence"] for k, v in ev.items()}
-    checks = {  # name: (minuend, subtrahend, target, test)
-        "pro_cfg4_minus_cfg1": ("pro_cfg4", "pro_cfg1", ">= 15", lambda d: d >= 15),
-        "dev_g3.5_minus_pro_cfg3.5": ("dev_g3.5", "pro_cfg3.5", "within +-3", lambda d: abs(d) <= 3),
-        "dev_g3.5_minus_g1": ("dev_g3.5", "dev_g1", ">= 15", lambda d: d >= 15),
-        "dead_dev_g3.5_minus_g1": ("dead_dev_g3.5", "dead_dev_g1", "about 0 (within +-3)", lambda d: abs(d) <= 3),
-    }
-    out = {}
-    for name, (x, y, target, test) in checks.items():
-        if x in a and y in a:
-            d = a[x] - a[y]
-            out[name] = {"points": round(d, 2), "target": target, "holds": bool(test(d))}
-    return out
 
 
 def install(pro: Path, dev: Path, meta: dict, asset_dir: Path | None = None, judge: Path | None = None) -> Path:
