@@ -24,6 +24,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch intra-op thread for a test (files that sample tiny models use it for every test): on this shared
+    2-core machine two threads made sampling the toy models ~25x slower (17 s vs 0.6 s for 16 images), the threads
+    waiting for each other while other processes run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def fast_tmp(tmp_path):
     """RAM-backed scratch (/dev/shm) when available: this disk writes ~100 MB/s (the 1 GB file of the keymap oracle
     test costs ~10 s on it). Our reader uses read(), not mmap, so files there do not count in the process's RSS."""

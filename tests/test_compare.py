@@ -20,14 +20,7 @@ from dev2pro.eval import stats as S
 from dev2pro.eval import toolkit as T
 from dev2pro.eval import verdict as V
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is many times faster than two when the 2 cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,13 +17,7 @@ from dev2pro.eval import plan as P
 from dev2pro.eval import stats as S
 from dev2pro.eval import toolkit as T
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _judge():

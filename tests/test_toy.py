@@ -15,14 +15,7 @@ from dev2pro.toy.assets import asset_path, model_path
 ADHERENCE_GUIDED = 0.55
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tests: on this shared 2-core machine two threads made sampling the toy models
-    ~25x slower (17 s vs 0.6 s for 16 images), the threads waiting for each other while other processes run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_generator_is_deterministic_per_item():
