@@ -49,6 +49,7 @@ def test_lora_strength_typo_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--caption-noise", "1.5"], "--caption-noise 1.5: must be in [0, 1)"),
     (["--caption-dropout", "-0.1"], "--caption-dropout -0.1: must be in [0, 1)"),
+    (["--distill-lr", "0"], "--distill-lr 0.0: must be positive"),
     (["--w-min", "6"], "distill.w_min (6.0) must be >= 0 and <= distill.w_max (5.0)"),
 ])
 def test_toy_build_refuses_bad_settings_before_any_stage(tmp_path, capsys, flags, message):

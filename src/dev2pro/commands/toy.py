@@ -47,6 +47,8 @@ def add_arguments(parser) -> None:
     p.add_argument("--work", default="runs/toy-build", help="work folder (data, checkpoints, logs, eval grids)")
     p.add_argument("--pro-steps", type=int, default=None, help="train-base steps (default: the shipped setting)")
     p.add_argument("--distill-steps", type=int, default=None, help="distill steps (default: the shipped setting)")
+    p.add_argument("--distill-lr", type=float, default=None,
+                   help="distill learning rate (default: the shipped setting)")
     p.add_argument("--caption-noise", type=float, default=None,
                    help="probability that the base data's captioner misnames each attribute (default: the shipped "
                         "setting)")
@@ -115,13 +117,16 @@ def main(args) -> int:
         s = BuildSettings()
         changes = {k: v for k, v in (("pro_steps", args.pro_steps), ("distill_steps", args.distill_steps),
                                      ("caption_noise", args.caption_noise), ("w_min", args.w_min),
-                                     ("w_max", args.w_max), ("caption_dropout", args.caption_dropout))
+                                     ("w_max", args.w_max), ("caption_dropout", args.caption_dropout),
+                                     ("distill_lr", args.distill_lr))
                    if v is not None}
         from dev2pro.errors import UserError
 
         for key in ("caption_noise", "caption_dropout"):
             if not 0.0 <= changes.get(key, 0.0) < 1.0:
                 raise UserError(f"--{key.replace('_', '-')} {changes[key]}: must be in [0, 1)")
+        if changes.get("distill_lr", 1.0) <= 0:
+            raise UserError(f"--distill-lr {args.distill_lr}: must be positive")
         s = dataclasses.replace(s, **changes)
         from dev2pro.train.recipes.distill import DistillSection
 

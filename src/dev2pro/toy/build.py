@@ -287,7 +287,7 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
         "controls": controls(evals),
         "command": (f"dev2pro toy build --threads 1 --pro-steps {s.pro_steps} --distill-steps {s.distill_steps} "
                     f"--caption-noise {s.caption_noise:g} --caption-dropout {s.caption_dropout:g} "
-                    f"--w-min {s.w_min:g} --w-max {s.w_max:g}"),
+                    f"--w-min {s.w_min:g} --w-max {s.w_max:g} --distill-lr {s.distill_lr:g}"),
         "build_seconds": {k: round(v, 1) for k, v in times.items()},
         "build_total_seconds": round(sum(times.values()), 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
