@@ -65,7 +65,9 @@ def test_measure_caches_checks_settings_and_dead_guidance_is_exact(tmp_path):
     cached = C.measure({}, judge, names, **kw)  # no model needed: every condition is read back
     for k in names:
         torch.testing.assert_close(cached[k], got[k])
-    with pytest.raises(ValueError, match="was measured with"):
+    from dev2pro.errors import UserError
+
+    with pytest.raises(UserError, match="was measured with"):
         C.measure({}, judge, names, **(kw | {"steps": 3}))
 
 
@@ -81,3 +83,7 @@ def test_cli_toy_controls(tmp_path, capsys):
     dead = saved["controls"]["dead_dev_g3.5_minus_g1"]
     assert dead["points"] == 0.0 and dead["interval"] == [0.0, 0.0] and dead["holds"]
     assert "dev_g3.5_minus_g1" in capsys.readouterr().out
+    # the same work folder with other settings: one line naming the cached file, exit 2
+    assert cli.main(["toy", "controls", "--prompts", "3", "--seeds", "1", "--steps", "1", "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pro_cfg1.json was measured with" in err and "Traceback" not in err

@@ -63,7 +63,9 @@ def measure(models: dict, judge, names=CONDITIONS, *, n_prompts: int = 1024, see
             prompt_seed: int = 778, work: str | Path | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Per-image prompt adherence (n_prompts * seeds,), caption-major, of each condition in `names` on fresh generator
     captions of stream `prompt_seed`. `models` maps "pro" / "dev" to loaded transformers. With `work`, each condition
-    is cached as `<work>/<name>.json` together with its settings; a cached file with other settings is an error."""
+    is cached as `<work>/<name>.json` together with its settings; a cached file with other settings is a
+    UserError (the CLI's one-line exit 2)."""
+    from dev2pro.errors import UserError
     from dev2pro.flux import sampling
     from dev2pro.toy import world
     from dev2pro.toy.build import dead_guidance
@@ -79,7 +81,7 @@ def measure(models: dict, judge, names=CONDITIONS, *, n_prompts: int = 1024, see
         if path is not None and path.exists():
             saved = json.loads(path.read_text())
             if saved.get("settings") != settings:
-                raise ValueError(f"{path} was measured with {saved.get('settings')}, not {settings}: use another "
+                raise UserError(f"{path} was measured with {saved.get('settings')}, not {settings}: use another "
                                  "work folder or delete it")
             out[name] = torch.tensor(saved["adherence"], dtype=torch.float64)
             continue
