@@ -28,14 +28,14 @@ import json
 import platform
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from dev2pro.toy import world
-from dev2pro.toy.controls import controls
+from dev2pro.toy.controls import condition, controls
 
 
 @dataclass(frozen=True)
@@ -248,22 +248,18 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
 
     common = dict(n_prompts=s.eval_prompts, seeds=s.eval_seeds, steps=s.eval_steps, prompt_seed=s.eval_prompt_seed,
                   progress=progress)
-    pro = load_transformer(str(pro_path), dtype=torch.float32)
-    dev = load_transformer(str(dev_path), dtype=torch.float32)
-    jobs = {f"pro_cfg{c:g}": (pro, dict(cfg=c), False) for c in s.pro_cfgs}
-    jobs |= {f"dev_g{g:g}": (dev, dict(guidance=g), False) for g in s.dev_guidances}
-    jobs |= {f"dead_dev_g{g:g}": (dev, dict(guidance=g), True) for g in s.dev_guidances}
+    models = {"pro": load_transformer(str(pro_path), dtype=torch.float32),
+              "dev": load_transformer(str(dev_path), dtype=torch.float32)}
+    names = [f"pro_cfg{c:g}" for c in s.pro_cfgs]
+    names += [f"{dead}dev_g{g:g}" for dead in ("", "dead_") for g in s.dev_guidances]
     (work / "eval").mkdir(exist_ok=True)
     evals = {}
-    for name, (model, kw, dead) in jobs.items():  # one JSON per condition, so an interrupted evaluation resumes
+    for name in names:  # one JSON per condition, so an interrupted evaluation resumes
         out = work / "eval" / f"{name}.json"
         if not out.exists():
-            with _timed(times, "eval_s"):
-                if dead:
-                    with dead_guidance(model):
-                        ev = evaluate(model, judge, **kw, **common)
-                else:
-                    ev = evaluate(model, judge, **kw, **common)
+            which, kw, dead = condition(name)
+            with _timed(times, "eval_s"), dead_guidance(models[which]) if dead else nullcontext():
+                ev = evaluate(models[which], judge, **kw, **common)
             save_grid(ev.pop("images")[:64], work / "eval" / f"{name}.png", ncols=8)
             ev.pop("captions")
             out.write_text(json.dumps(ev, indent=1) + "\n")
