@@ -238,7 +238,8 @@ def test_shipped_toy_models_load(name):
 
 def test_shipped_toy_models_follow_prompts_with_guidance_not_without(judge):
     """The world's point: guidance matters. Pro with CFG 4 and dev at g = 3.5 follow prompts; both clearly better than
-    unguided (pro CFG 1, dev g = 1). The build measures the gaps on 512 images (toy.json "controls"); 48 here."""
+    unguided (pro CFG 1, dev g = 1). The build measures the gaps with intervals on 1,024 captions x 2 seeds
+    (toy.json "controls"); 48 captions here."""
     if not model_path("dev", must_exist=False).exists():
         pytest.skip("toy models not built yet (dev2pro toy build)")
     from dev2pro.flux.checkpoint import load_transformer
@@ -280,7 +281,8 @@ def test_build_pipeline_smoke(tmp_path):
     from dev2pro.toy.build import BuildSettings, build
 
     s = BuildSettings(n_images=8, judge_images=8, judge_steps=2, judge_val_images=8, pro_steps=2, pro_batch=4,
-                      distill_steps=2, distill_batch=4, eval_prompts=2, eval_seeds=1, eval_steps=2)
+                      distill_steps=2, distill_batch=4, eval_prompts=2, eval_seeds=1, eval_steps=2,
+                      control_prompts=3)
     meta = build(tmp_path / "work", s, install_to=tmp_path / "assets", progress=False)
     assert (tmp_path / "work" / "data" / "00007.txt").exists()
     installed = sorted(p.name for p in (tmp_path / "assets").iterdir())
@@ -291,6 +293,10 @@ def test_build_pipeline_smoke(tmp_path):
                                   "dead_dev_g3.5"}
     assert set(saved["controls"]) == {"pro_cfg4_minus_cfg1", "dev_g3.5_minus_pro_cfg3.5", "dev_g3.5_minus_g1",
                                       "dead_dev_g3.5_minus_g1"}
+    assert set(saved["eval_controls"]) == set(saved["controls"])
+    dead = saved["controls"]["dead_dev_g3.5_minus_g1"]  # per image, on the controls' own 3 captions
+    assert dead["points"] == 0.0 and dead["interval"] == [0.0, 0.0]
+    assert len(json.loads((tmp_path / "work" / "controls" / "dev_g1.json").read_text())["adherence"]) == 3
     assert set(saved["judge_accuracy"]) == set(world.ATTRIBUTES) | {"style"}
     assert 0.0 <= meta["eval"]["dev_g3.5"]["adherence"] <= 1.0
     from dev2pro.flux.checkpoint import load_transformer

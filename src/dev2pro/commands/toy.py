@@ -143,7 +143,8 @@ def main(args) -> int:
         if not meta:
             print(f"no toy models in {ASSET_DIR}: run `dev2pro toy build`")
             return 1
-        print(json.dumps({k: meta[k] for k in ("params", "eval", "build_total_seconds") if k in meta}, indent=2))
+        keys = ("params", "eval", "controls", "controls_measured_on", "build_total_seconds")
+        print(json.dumps({k: meta[k] for k in keys if k in meta}, indent=2))
         return 0
     return 2
 

@@ -4,9 +4,12 @@
     2. judge        train the judge on fresh generator images (half styled), validate it per attribute
     3. train-base   preset toy-pro (random init) -> toy-pro   flow loss, caption dropout 0.1 (CFG-capable teacher)
     4. distill      toy-pro -> toy-dev                         guidance distillation, w ~ U[1, 5]
-    5. evaluate     the controls, judged on fresh captions: pro at CFG 1 / 3.5 / 4, dev at embedded g 1 / 3.5,
-                    dev with a dead guidance input (`dead_guidance`) at g 1 / 3.5, real images for reference
-    6. install      judge, toy-pro/toy-dev safetensors (BFL layout, bf16) and toy.json into the package's assets
+    5. evaluate     judged on fresh captions: pro at CFG 1 / 3.5 / 4, dev at embedded g 1 / 3.5, dev with a dead
+                    guidance input (`dead_guidance`) at g 1 / 3.5, real images for reference (means, Frechet
+                    distance, diversity, grids; 256 captions)
+    6. controls     the same conditions scored per image on 1,024 other captions (`controls.measure`, what
+                    `dev2pro toy controls` runs), each control with its 95% interval: toy.json's "controls"
+    7. install      judge, toy-pro/toy-dev safetensors (BFL layout, bf16) and toy.json into the package's assets
 
 The recipes are called as library functions with their config dataclasses (exactly what `dev2pro train-base` and
 `dev2pro distill` do with a TOML file), through their normal data-folder path: nothing here is a toy-only branch of
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 
 from dev2pro.toy import world
-from dev2pro.toy.controls import condition, controls
+from dev2pro.toy.controls import CONDITIONS, condition, controls, intervals, measure
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class BuildSettings:
     pro_cfgs: tuple[float, ...] = (1.0, 3.5, 4.0)
     dev_guidances: tuple[float, ...] = (1.0, 3.5)
     judge_val_images: int = 1024
+    control_prompts: int = 1024  # the controls' captions (a stream of their own), x eval_seeds, eval_steps
+    control_prompt_seed: int = 778
 
 
 def _train_config(s: BuildSettings, steps: int, batch: int, lr: float):
@@ -265,6 +270,11 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
             out.write_text(json.dumps(ev, indent=1) + "\n")
             save_times()
         evals[name] = json.loads(out.read_text())
+    with _timed(times, "controls_s"):  # cached per condition in <work>/controls: an interrupted stage resumes
+        per_image = measure(models, judge, CONDITIONS, n_prompts=s.control_prompts, seeds=s.eval_seeds,
+                            steps=s.eval_steps, prompt_seed=s.control_prompt_seed, work=work / "controls",
+                            progress=progress)
+    save_times()
     real, captions, _ = world.make_batch(s.eval_prompts, seed=s.eval_prompt_seed)
     real_score = judge.score(real, captions)
 
@@ -280,7 +290,10 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
         "image_size": world.IMAGE_SIZE,
         "judge_accuracy": judge_acc,
         "eval": {"real_images_adherence": float(real_score["adherence"].mean()), **evals},
-        "controls": controls(evals),
+        "controls": intervals(per_image, s.eval_seeds),
+        "controls_measured_on": f"{s.control_prompts} captions (stream {s.control_prompt_seed}) x {s.eval_seeds} "
+                                f"seeds, {s.eval_steps} steps, 95% intervals over captions",
+        "eval_controls": controls(evals),
         "command": (f"dev2pro toy build --threads 1 --pro-steps {s.pro_steps} --distill-steps {s.distill_steps} "
                     f"--caption-noise {s.caption_noise:g} --caption-dropout {s.caption_dropout:g} "
                     f"--w-min {s.w_min:g} --w-max {s.w_max:g} --distill-lr {s.distill_lr:g}"),
