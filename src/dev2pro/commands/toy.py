@@ -71,7 +71,7 @@ def add_arguments(parser) -> None:
     p.add_argument("--seeds", type=int, default=2, help="images per caption (default 2)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, as the build)")
     p.add_argument("--prompt-seed", type=int, default=778,
-                   help="caption stream (default 778; the build measures on 777, the demo on others)")
+                   help="caption stream (default 778, the build's controls stage; its evaluation uses 777)")
     p.add_argument("--work", default="runs/toy-controls",
                    help="folder for per-condition scores (an interrupted run resumes) and controls.json")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from dev2pro.toy import world
-from dev2pro.toy.controls import CONDITIONS, condition, controls, intervals, measure
+from dev2pro.toy.controls import condition, controls, intervals, measure
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def build(work: str | Path, settings: BuildSettings | None = None, *, install_to
             save_times()
         evals[name] = json.loads(out.read_text())
     with _timed(times, "controls_s"):  # cached per condition in <work>/controls: an interrupted stage resumes
-        per_image = measure(models, judge, CONDITIONS, n_prompts=s.control_prompts, seeds=s.eval_seeds,
+        per_image = measure(models, judge, names, n_prompts=s.control_prompts, seeds=s.eval_seeds,
                             steps=s.eval_steps, prompt_seed=s.control_prompt_seed, work=work / "controls",
                             progress=progress)
     save_times()

@@ -1,12 +1,12 @@
 """The toy world's positive and negative controls, and their measurement with intervals (`dev2pro toy controls`).
 
-Why a module of its own: the build measures the controls once, on the build's 256 captions x 2 seeds, and records the
-point values in toy.json. A gap of two adherences measured that way has a sampling error of about a point, so a
-control near its threshold (the dev guidance gap) needs a larger, fresh measurement with an interval to say whether
-it holds. `measure` scores any set of conditions on any number of fresh captions, one image at a time (per-image
-adherence, cached per condition so an interrupted run resumes), and `intervals` gives each control's difference with
-a 95% interval over captions: both conditions of a control are sampled on the same captions and seeds, so the
-difference is paired per caption.
+Why a module of its own: a gap of two adherences measured on the build's 256-caption evaluation has a sampling error
+of about two points, so a control near its threshold (the dev guidance gap) needs a larger measurement with an
+interval to say whether it holds. The build's controls stage and `dev2pro toy controls` both use this module.
+`measure` scores any set of conditions on any number of fresh captions, one image at a time (per-image adherence,
+cached per condition so an interrupted run resumes), and `intervals` gives each control's difference with a 95%
+interval over captions: both conditions of a control are sampled on the same captions and seeds, so the difference
+is paired per caption.
 
 Conditions are named as in the build: `pro_cfg{c}` (true CFG c), `dev_g{g}` (embedded guidance g), `dead_dev_g{g}`
 (dev with its guidance input held at g = 1, `build.dead_guidance`).
